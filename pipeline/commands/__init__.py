@@ -1,0 +1,1 @@
+"""One module per ``stickerbot`` sub-command (see :mod:`pipeline.cli`)."""

@@ -1,0 +1,74 @@
+"""``stickerbot doctor``: what this machine has and whether the configured preset can run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+
+from pipeline.settings import Settings
+
+HELP = "check Python, torch, GPU, models, database and queue; non-zero exit on a problem"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-models", action="store_true", help="do not check model files")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    problems: list[str] = []
+
+    def line(name: str, value: str, ok: bool = True) -> None:
+        print(f"{'ok ' if ok else 'BAD'} {name:<14} {value}")
+        if not ok:
+            problems.append(f"{name}: {value}")
+
+    line("python", f"{platform.python_version()} ({sys.executable})", sys.version_info >= (3, 11))
+    try:
+        import torch
+
+        line("torch", torch.__version__)
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                line(f"cuda:{i}", f"{torch.cuda.get_device_name(i)}, "
+                     f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+        else:
+            line("gpu", "none (CPU only: fine for the tiny preset, slow for sd15)",
+                 ok=settings.preset == "tiny" or settings.device == "cpu")
+    except ImportError:
+        line("torch", "not installed (run `make install`)", ok=False)
+
+    line("preset", settings.preset)
+    if not args.skip_models:
+        from pipeline.errors import StickerbotError
+        from pipeline.models import check_available, resolve_sources
+
+        try:
+            sources = resolve_sources(settings)
+            for role, problem in check_available(sources).items():
+                src = getattr(sources, role)
+                line(f"model:{role}", src if problem is None else problem, problem is None)
+        except StickerbotError as exc:
+            line("models", str(exc), ok=False)
+
+    from pipeline.storage.db import LATEST_VERSION, open_database, schema_version
+
+    async def db_version() -> int:
+        conn = await open_database(settings.db_path)
+        try:
+            return await schema_version(conn)
+        finally:
+            await conn.close()
+
+    try:
+        version = asyncio.run(db_version())
+        line("database", f"{settings.db_path} (schema {version}/{LATEST_VERSION})",
+             version == LATEST_VERSION)
+    except Exception as exc:  # noqa: BLE001 - report any database failure
+        line("database", f"{settings.db_path}: {exc}", ok=False)
+
+    line("queue", settings.queue_backend)
+    print("ready" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1

@@ -1,0 +1,1 @@
+"""Persistent state: the SQLite database (aiosqlite, WAL) and files under the data dir."""

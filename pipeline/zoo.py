@@ -1,0 +1,243 @@
+"""Random-weight model zoos built from :mod:`pipeline.architectures`, with no network.
+
+``build_zoo(root, TINY)`` writes every model the product uses with ``save_pretrained`` in the
+same layout as the real checkpoints, so :mod:`pipeline.models` loads them through exactly the
+code path that loads the real ones. Tokenizers are built from a small word list.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from pipeline.architectures import Architecture
+
+ZOO_VERSION = 1
+_MARKER = "zoo.json"
+# Words the tiny tokenizers know as whole tokens; everything else falls back to characters.
+WORDS = (
+    "a an the of in on with and at is are this that photo picture sticker stickers telegram "
+    "cartoon drawing style emoji cat dog person man woman boy girl child baby face smiling "
+    "smile happy sad angry cute funny red blue green yellow black white orange pink purple "
+    "brown gray background wearing shirt hat glasses holding standing sitting looking "
+    "camera car tree flower sky water beach house street table cup food pizza coffee "
+    "bird fish horse bear robot character animal toy ball book phone dress hair"
+).split()
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    for ch in alphabet:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        # Left-to-right merges spell each word as one token: ("c","a"), ("ca","t</w>").
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        acc = pieces[0]
+        for piece in pieces[1:]:
+            merged = acc + piece
+            if (acc, piece) not in merges:
+                merges.append((acc, piece))
+            vocab.setdefault(merged, len(vocab))
+            acc = merged
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return vocab, merges
+
+
+def build_clip_tokenizer(max_length: int = 77):  # -> CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_bert_tokenizer():  # -> BertTokenizer
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab_list = specials + WORDS + letters + ["##" + c for c in letters]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    tok = BertTokenizer(vocab=vocab, model_max_length=64)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    return tok
+
+
+def _save_diffusion(arch: Architecture, out: Path) -> None:
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer()
+    unet = UNet2DConditionModel(**arch.unet)
+    vae = AutoencoderKL(**arch.vae)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch.text_encoder,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = PNDMScheduler.from_config(arch.scheduler)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+
+
+def _save_blip(arch: Architecture, out: Path) -> None:
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    tokenizer = build_bert_tokenizer()
+    text = dict(arch.blip_text)
+    text.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = BlipConfig(text_config=text, vision_config=arch.blip_vision,
+                        projection_dim=arch.blip_vision["hidden_size"])
+    model = BlipForConditionalGeneration(config)
+    size = arch.blip_image_size
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _save_segformer(arch: Architecture, out: Path) -> None:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    from transformers import SegformerImageProcessor
+
+    config = SegformerConfig(num_labels=1, id2label={0: "foreground"},
+                             label2id={"foreground": 0}, **arch.segformer)
+    model = SegformerForSemanticSegmentation(config)
+    size = arch.segmenter_size
+    processor = SegformerImageProcessor(size={"height": size, "width": size}, do_reduce_labels=False)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _save_clip(arch: Architecture, out: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer()
+    text = dict(arch.clip_text)
+    text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(text_config=text, vision_config=arch.clip_vision, projection_dim=32)
+    model = CLIPModel(config)
+    size = arch.clip_image_size
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                           crop_size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _save_dino(arch: Architecture, out: Path) -> None:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    model = ViTModel(ViTConfig(**arch.dino), add_pooling_layer=False)
+    size = arch.dino_image_size
+    model.save_pretrained(out)
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(out)
+
+
+# Each entry: sub-directory name -> builder. The layout mirrors the real checkpoints.
+_PARTS = {
+    "sd": _save_diffusion,
+    "blip": _save_blip,
+    "segformer": _save_segformer,
+    "clip": _save_clip,
+    "dino": _save_dino,
+}
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = root.parent / (root.name + ".lock")
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def zoo_is_complete(root: Path, arch: Architecture) -> bool:
+    marker = root / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == ZOO_VERSION and meta.get("architecture") == arch.name
+
+
+def build_zoo(root: Path, arch: Architecture, *, seed: int = 0, force: bool = False) -> Path:
+    """Build (or reuse) a random-weight zoo for ``arch`` under ``root``; returns ``root``.
+
+    Safe to call from several processes at once: one builds, the others wait and reuse it.
+    The zoo appears atomically (built in a temporary directory, then renamed).
+    """
+    root = Path(root)
+    with _locked(root):
+        if not force and zoo_is_complete(root, arch):
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=".zoo-", dir=root.parent))
+        try:
+            rng_state = torch.random.get_rng_state()
+            for i, (name, save) in enumerate(_PARTS.items()):
+                torch.manual_seed(seed + i)
+                save(arch, tmp / name)
+            torch.random.set_rng_state(rng_state)
+            (tmp / _MARKER).write_text(
+                json.dumps({"version": ZOO_VERSION, "architecture": arch.name, "seed": seed})
+            )
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return root

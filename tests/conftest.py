@@ -1,0 +1,64 @@
+"""Shared fixtures. Everything offline and seeded; tiny random-weight models only."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face import: no test may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _var in list(os.environ):
+    # The operator's own configuration must not leak into tests.
+    if _var.startswith("STICKERBOT_") or _var in ("BOT_TOKEN", "TELEGRAM_API_BASE"):
+        del os.environ[_var]
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.settings import Settings, load_settings  # noqa: E402
+
+TEST_TOKEN = "123456:TEST-token-that-is-long-enough-0123456789"
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model zoo, built once per test session (about 7 s on 2 cores)."""
+    from pipeline.architectures import TINY
+    from pipeline.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny-zoo", TINY)
+
+
+@pytest.fixture
+def tiny_settings(tmp_path: Path, tiny_zoo: Path) -> Settings:
+    """Settings for the tiny preset with a fresh data dir under ``tmp_path``."""
+    return load_settings(preset="tiny", data_dir=tmp_path / "data", tiny_zoo_dir=tiny_zoo,
+                         device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def tiny_env(tiny_settings: Settings) -> dict[str, str]:
+    """Environment for subprocesses (workers, CLI) that should see the same configuration."""
+    env = dict(os.environ)
+    env.update(
+        STICKERBOT_PRESET="tiny",
+        STICKERBOT_DATA_DIR=str(tiny_settings.data_dir),
+        STICKERBOT_TINY_ZOO_DIR=str(tiny_settings.zoo_dir),
+        STICKERBOT_DEVICE="cpu",
+        STICKERBOT_DTYPE="float32",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path):  # -> Models
+    """Tiny models loaded once per session. Shared: a test that changes them (adds adapters,
+    trains) must load its own with ``load_models(tiny_settings)`` instead."""
+    from pipeline.models import load_models
+
+    settings = load_settings(preset="tiny", data_dir=tmp_path_factory.mktemp("shared-data"),
+                             tiny_zoo_dir=tiny_zoo, device="cpu", dtype="float32")
+    return load_models(settings)

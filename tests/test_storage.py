@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from pipeline.storage import db
+from pipeline.storage.files import DataDir, atomic_directory
+from pipeline.storage.repository import Repository
+
+
+async def test_fresh_database_reaches_latest_and_is_wal(tmp_path):
+    conn = await db.open_database(tmp_path / "s.sqlite3")
+    assert await db.schema_version(conn) == db.LATEST_VERSION
+    async with conn.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone())[0] == "wal"
+    await conn.close()
+
+
+async def test_migrating_twice_changes_nothing(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    conn = await db.open_database(path)
+    await conn.close()
+    before = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    conn = await db.open_database(path)
+    assert await db.migrate(conn) == db.LATEST_VERSION
+    await conn.close()
+    after = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    assert before == after
+
+
+async def test_older_schema_upgrades_without_losing_rows(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    conn = await db.connect(path)
+    await db.migrate(conn, target=1)
+    repo = Repository(conn)
+    await repo.ensure_user(42, language="ru")
+    style = await repo.create_style(42, "cats")
+    await conn.execute(
+        "INSERT INTO stickers (id, user_id, style_id, path, created_at) VALUES ('s1', 42, ?, 'x', 0)",
+        (style.id,),
+    )
+    await conn.close()
+
+    conn = await db.open_database(path)
+    repo = Repository(conn)
+    assert await db.schema_version(conn) == db.LATEST_VERSION
+    assert (await repo.get_user(42)).language == "ru"
+    assert (await repo.get_style(style.id)).name == "cats"
+    sticker = await repo.get_sticker("s1")
+    assert sticker is not None and sticker.telegram_file_id is None  # the v2 column, empty
+    await conn.close()
+
+
+async def test_ownership_checks_and_cascading_delete(tmp_path):
+    conn = await db.open_database(tmp_path / "s.sqlite3")
+    repo = Repository(conn)
+    await repo.ensure_user(1)
+    await repo.ensure_user(2)
+    mine = await repo.create_style(1, "mine")
+    assert await repo.get_user_style(2, mine.id) is None
+    assert await repo.get_user_style(1, mine.id) is not None
+    assert await repo.add_image(mine.id, sha256="a" * 64, path="p", width=1, height=1, source="photo")
+    assert not await repo.add_image(mine.id, sha256="a" * 64, path="p", width=1, height=1,
+                                    source="photo")
+    await repo.delete_user(1)
+    assert await repo.get_style(mine.id) is None
+    assert await repo.count_images(mine.id) == 0
+    await conn.close()
+
+
+def test_blobs_are_content_addressed_and_paths_checked(tmp_path):
+    data = DataDir(tmp_path)
+    rel, digest = data.put_blob(b"hello", suffix=".png")
+    assert rel == f"blobs/{digest[:2]}/{digest}.png"
+    assert data.put_blob(b"hello", suffix=".png") == (rel, digest)
+    assert data.resolve(rel).read_bytes() == b"hello"
+    for hostile in ("../etc/passwd", "/etc/passwd", "a/../../x"):
+        with pytest.raises(ValueError):
+            data.resolve(hostile)
+    with pytest.raises(ValueError):
+        data.path_for("styles", "../x")
+    with pytest.raises(ValueError):
+        data.put_blob(b"x", suffix="/../x")
+
+
+def test_atomic_directory_leaves_nothing_on_error(tmp_path):
+    final = tmp_path / "style"
+    with pytest.raises(RuntimeError), atomic_directory(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(final) as tmp:
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert (final / "whole.bin").read_bytes() == b"y"
