@@ -90,7 +90,7 @@ def _from_pretrained(role: str, cls: Any, source: str, *, cache_dir: str | None 
     """``cls.from_pretrained`` with an error that says which model, where, and how to fix it."""
     try:
         return cls.from_pretrained(source, cache_dir=cache_dir, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         local = Path(source).expanduser()
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         where = cache_dir or os.environ.get("HF_HOME") or "~/.cache/huggingface"
@@ -105,7 +105,9 @@ def _from_pretrained(role: str, cls: Any, source: str, *, cache_dir: str | None 
             )
         sub = kwargs.get("subfolder")
         what = f"{source}" + (f" (subfolder {sub})" if sub else "")
-        raise ModelNotFoundError(f"cannot load the {role} model {what}: {hint}. ({exc.__class__.__name__})") from exc
+        raise ModelNotFoundError(
+            f"cannot load the {role} model {what}: {hint}. ({exc.__class__.__name__})"
+        ) from exc
 
 
 # --- Containers handed to the stage functions -------------------------------------------------
@@ -219,7 +221,8 @@ def load_segmenter(source: str | Path, *, device: torch.device, dtype: torch.dty
     kwargs: dict[str, Any] = {"dtype": dtype}
     if num_labels is not None:
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-    model = _from_pretrained("segmenter", SegformerForSemanticSegmentation, src, cache_dir=cache_dir, **kwargs)
+    model = _from_pretrained("segmenter", SegformerForSemanticSegmentation, src,
+                             cache_dir=cache_dir, **kwargs)
     labels = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
     background = tuple(i for i, name in labels.items() if name in ("background", "bg", "unlabeled"))
     return Segmenter(model=model.to(device).eval(), processor=processor, source=src,
@@ -282,7 +285,7 @@ def check_available(sources: ModelSources) -> dict[str, str | None]:
         try:
             snapshot_download(src, cache_dir=sources.cache_dir, local_files_only=True)
             result[role] = None
-        except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
+        except Exception as exc:
             result[role] = f"{src} not in the local cache ({exc.__class__.__name__})"
     return result
 

@@ -23,14 +23,16 @@ from pipeline.architectures import Architecture
 ZOO_VERSION = 1
 _MARKER = "zoo.json"
 # Words the tiny tokenizers know as whole tokens; everything else falls back to characters.
-WORDS = (
-    "a an the of in on with and at is are this that photo picture sticker stickers telegram "
-    "cartoon drawing style emoji cat dog person man woman boy girl child baby face smiling "
-    "smile happy sad angry cute funny red blue green yellow black white orange pink purple "
-    "brown gray background wearing shirt hat glasses holding standing sitting looking "
-    "camera car tree flower sky water beach house street table cup food pizza coffee "
-    "bird fish horse bear robot character animal toy ball book phone dress hair"
-).split()
+WORDS = tuple(
+    (
+        "a an the of in on with and at is are this that photo picture sticker stickers telegram "
+        "cartoon drawing style emoji cat dog person man woman boy girl child baby face smiling "
+        "smile happy sad angry cute funny red blue green yellow black white orange pink purple "
+        "brown gray background wearing shirt hat glasses holding standing sitting looking "
+        "camera car tree flower sky water beach house street table cup food pizza coffee bird "
+        "fish horse bear robot character animal toy ball book phone dress hair "
+    ).split()
+)
 
 
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -141,8 +143,7 @@ def _save_blip(arch: Architecture, out: Path) -> None:
 
 
 def _save_segformer(arch: Architecture, out: Path) -> None:
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-    from transformers import SegformerImageProcessor
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     config = SegformerConfig(num_labels=1, id2label={0: "foreground"},
                              label2id={"foreground": 0}, **arch.segformer)

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         version = asyncio.run(db_version())
         line("database", f"{settings.db_path} (schema {version}/{LATEST_VERSION})",
              version == LATEST_VERSION)
-    except Exception as exc:  # noqa: BLE001 - report any database failure
+    except Exception as exc:
         line("database", f"{settings.db_path}: {exc}", ok=False)
 
     line("queue", settings.queue_backend)

@@ -102,9 +102,16 @@ class JobQueue(abc.ABC):
     async def position(self, job_id: str) -> QueuePosition: ...
 
     @abc.abstractmethod
-    async def events_since(self, cursor: float, *, timeout: float = 1.0) -> tuple[list[JobEvent], float]:
-        """Jobs changed after ``cursor``, waiting up to ``timeout`` for one; returns the events
+    async def events_since(self, cursor: float, *, wait: float = 1.0) -> tuple[list[JobEvent], float]:
+        """Jobs changed after ``cursor``, waiting up to ``wait`` seconds for one; returns the events
         and the new cursor. One loop in the bot calls this and fans out to users."""
+
+    @abc.abstractmethod
+    async def undelivered(self, *, limit: int = 100) -> list[Job]:
+        """Finished jobs whose outcome the bot has not yet delivered (survives bot restarts)."""
+
+    @abc.abstractmethod
+    async def mark_delivered(self, job_id: str) -> None: ...
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, dict[str, int]]:

@@ -96,6 +96,12 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN duration REAL",
         "CREATE INDEX jobs_kind_finished ON jobs(kind, state, finished_at)",
     ],
+    # 3: when the bot delivered a finished job's outcome to its user. A finished job with no
+    #    delivered_at is delivered after a bot restart, so no result is lost.
+    [
+        "ALTER TABLE jobs ADD COLUMN delivered_at REAL",
+        "CREATE INDEX jobs_undelivered ON jobs(delivered_at, finished_at)",
+    ],
 ]
 
 LATEST_VERSION = len(MIGRATIONS)

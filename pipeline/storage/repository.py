@@ -72,7 +72,8 @@ def _row(cls: type, row: aiosqlite.Row | None) -> Any:
     if row is None:
         return None
     names = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    values = {k: row[k] for k in row.keys() if k in names}
+    # sqlite3.Row iterates over values, so its keys() is needed here.
+    values = {k: row[k] for k in row.keys() if k in names}  # noqa: SIM118
     if "in_pack" in values:
         values["in_pack"] = bool(values["in_pack"])
     return cls(**values)
@@ -112,7 +113,7 @@ class Repository:
             raise ValueError(f"cannot update user fields {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         await self.conn.execute(
-            f"UPDATE users SET {sets}, updated_at = ? WHERE id = ?",  # noqa: S608 - names checked above
+            f"UPDATE users SET {sets}, updated_at = ? WHERE id = ?",
             (*fields.values(), time.time(), user_id),
         )
 
@@ -168,7 +169,7 @@ class Repository:
             raise ValueError(f"unknown style status {fields['status']!r}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         await self.conn.execute(
-            f"UPDATE styles SET {sets}, updated_at = ? WHERE id = ?",  # noqa: S608 - names checked above
+            f"UPDATE styles SET {sets}, updated_at = ? WHERE id = ?",
             (*fields.values(), time.time(), style_id),
         )
 

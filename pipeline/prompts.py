@@ -1,0 +1,60 @@
+"""Prompt building: pure functions of their inputs, tested directly.
+
+A style is named in prompts by a rare identifier plus a class noun ("a zqv cat sticker"): the
+identifier carries what the fine-tuning learned, the class noun what the base model already
+knows. Class-prior preservation uses the same prompt without the identifier.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+DEFAULT_INSTANCE_TEMPLATE = "a {identifier} {class_noun} sticker"
+DEFAULT_CLASS_TEMPLATE = "a {class_noun} sticker"
+DEFAULT_STICKER_TEMPLATE = "a {identifier} {class_noun} sticker, {caption}"
+DEFAULT_NEGATIVE_PROMPT = (
+    "photo, realistic, blurry, low quality, jpeg artifacts, watermark, text, signature, "
+    "cropped, deformed, extra limbs, busy background"
+)
+_FIELDS = {"identifier", "class_noun", "caption"}
+
+
+def check_template(template: str, *, required: set[str]) -> str:
+    """A template may use only ``{identifier}``, ``{class_noun}`` and ``{caption}``, and must use
+    every field in ``required``; a clear ValueError otherwise."""
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    unknown = names - _FIELDS
+    if unknown:
+        raise ValueError(f"prompt template {template!r} uses unknown fields {sorted(unknown)}; "
+                         f"allowed: {sorted(_FIELDS)}")
+    missing = required - names
+    if missing:
+        wanted = sorted("{" + m + "}" for m in missing)
+        raise ValueError(f"prompt template {template!r} must contain {wanted}")
+    return template
+
+
+def _squash(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+([,.])", r"\1", text).strip(" ,")
+
+
+def instance_prompt(identifier: str, class_noun: str,
+                    template: str = DEFAULT_INSTANCE_TEMPLATE) -> str:
+    check_template(template, required={"identifier", "class_noun"})
+    return _squash(template.format(identifier=identifier, class_noun=class_noun, caption=""))
+
+
+def class_prompt(class_noun: str, template: str = DEFAULT_CLASS_TEMPLATE) -> str:
+    check_template(template, required={"class_noun"})
+    return _squash(template.format(identifier="", class_noun=class_noun, caption=""))
+
+
+def sticker_prompt(identifier: str, class_noun: str, caption: str,
+                   template: str = DEFAULT_STICKER_TEMPLATE) -> str:
+    """The img2img prompt for one photo: the style's tokens plus the photo's caption. An empty
+    caption leaves no dangling comma."""
+    check_template(template, required={"identifier"})
+    return _squash(template.format(identifier=identifier, class_noun=class_noun,
+                                   caption=caption.strip()))
