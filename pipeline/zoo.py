@@ -72,7 +72,7 @@ def build_bert_tokenizer():  # -> BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab_list = specials + WORDS + letters + ["##" + c for c in letters]
+    vocab_list = specials + list(WORDS) + letters + ["##" + c for c in letters]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     tok = BertTokenizer(vocab=vocab, model_max_length=64)
     tok.add_special_tokens({"bos_token": "[DEC]"})
