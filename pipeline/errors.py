@@ -14,7 +14,9 @@
     ├── JobError                    queue misuse: unknown job, lost lease, quota exceeded
     │   ├── QuotaExceededError      a per-user cap was reached
     │   └── QueueUnavailableError   the queue backend cannot be reached right now
-    └── CancelledError              a job was cancelled by its owner (stops training)
+    ├── CancelledError              a job was cancelled by its owner (stops training)
+    └── TrainingPreempted           training paused at a step boundary (checkpoint written) so
+                                    that sticker jobs can run; the same work dir resumes it
 
 Each error carries only what is safe to show: never a token, never a raw API path.
 """
@@ -85,3 +87,13 @@ class QueueUnavailableError(JobError):
 
 class CancelledError(StickerbotError):
     """The job was cancelled by its owner."""
+
+
+class TrainingPreempted(StickerbotError):
+    """Training stopped at a step boundary and wrote a checkpoint; calling ``train_style`` again
+    with the same work dir resumes it. ``step`` is the step the checkpoint holds."""
+
+    def __init__(self, step: int, total: int) -> None:
+        self.step = step
+        self.total = total
+        super().__init__(f"training paused at step {step} of {total}; it resumes from its checkpoint")
