@@ -102,6 +102,12 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN delivered_at REAL",
         "CREATE INDEX jobs_undelivered ON jobs(delivered_at, finished_at)",
     ],
+    # 4: the job queue's change cursor. Every job write sets updated_at above the current
+    #    maximum inside its write transaction, so updated_at orders commits and the bot's one
+    #    event loop reads "jobs changed after the cursor" through this index.
+    [
+        "CREATE INDEX jobs_updated ON jobs(updated_at)",
+    ],
 ]
 
 LATEST_VERSION = len(MIGRATIONS)
