@@ -1,0 +1,28 @@
+"""What every handler gets besides the update: one object holding the bot's services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pipeline.queue.base import JobQueue
+from pipeline.settings import Settings
+from pipeline.storage.files import DataDir
+from pipeline.storage.repository import Repository
+
+if TYPE_CHECKING:
+    from bot.albums import AlbumCollector
+    from bot.notifier import Notifier
+
+
+@dataclass
+class BotContext:
+    settings: Settings
+    repo: Repository
+    queue: JobQueue
+    data: DataDir
+    notifier: Notifier
+    albums: AlbumCollector
+    bot_username: str = ""
+    # Background tasks started by handlers (pack imports), awaited or cancelled on shutdown.
+    tasks: set = field(default_factory=set)  # set[asyncio.Task[None]]

@@ -1,0 +1,62 @@
+"""/stats for the admins named in settings: users, jobs by state, queue depth, worker health."""
+
+from __future__ import annotations
+
+import time
+
+from aiogram import Router
+from aiogram.filters import Command
+from aiogram.types import Message
+
+from bot.context import BotContext
+from bot.texts import t
+
+router = Router(name="admin")
+
+
+def ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+async def _scalar(ctx: BotContext, sql: str, args: tuple = ()) -> float | None:
+    async with ctx.repo.conn.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+async def worker_health(ctx: BotContext, now: float) -> str:
+    """From the jobs table: live leases mean a working worker; expired ones a dead one."""
+    live = await _scalar(ctx, "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at >= ?",
+                         (now,)) or 0
+    stale = await _scalar(ctx, "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at < ?",
+                          (now,)) or 0
+    if stale:
+        return t("en", "worker_stale", n=int(stale))
+    if live:
+        return t("en", "worker_busy", n=int(live))
+    last = await _scalar(ctx, "SELECT MAX(finished_at) FROM jobs")
+    return t("en", "worker_never") if last is None else t("en", "worker_idle", ago=ago(now - last))
+
+
+@router.message(Command("stats"))
+async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -> None:
+    if user_id not in ctx.settings.admin_ids:
+        await message.answer(t(lang, "not_admin"))
+        return
+    counts = await ctx.queue.counts()
+    jobs = "; ".join(
+        f"{kind}: " + ", ".join(f"{state} {n}" for state, n in sorted(states.items()))
+        for kind, states in sorted(counts.items())
+    ) or "-"
+    depth = sum(states.get("queued", 0) for states in counts.values())
+    await message.answer(t(
+        lang, "stats",
+        users=int(await _scalar(ctx, "SELECT COUNT(*) FROM users") or 0),
+        styles=int(await _scalar(ctx, "SELECT COUNT(*) FROM styles") or 0),
+        stickers=int(await _scalar(ctx, "SELECT COUNT(*) FROM stickers") or 0),
+        jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()),
+    ))

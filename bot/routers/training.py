@@ -1,0 +1,115 @@
+"""/train: check the draft, get the class noun, submit the training job, show queue position and
+ETA in the message the notifier then keeps updated."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from aiogram import Bot, F, Router
+from aiogram.filters import Command, CommandObject
+from aiogram.fsm.context import FSMContext
+from aiogram.types import CallbackQuery, Message
+
+from bot.context import BotContext
+from bot.drafts import MIN_IMAGES, current_draft
+from bot.keyboards import NOUN_SUGGESTIONS, noun_keyboard
+from bot.routers.stickers import eta_text
+from bot.states import Train
+from bot.texts import t
+from pipeline.errors import QueueUnavailableError, QuotaExceededError
+from pipeline.queue.base import JobKind
+
+router = Router(name="training")
+
+_NOUN = re.compile(r"^[^\W\d_]{2,20}(?: [^\W\d_]{2,20})?$")
+
+
+def clean_noun(text: str) -> str | None:
+    """One or two plain words, lower case; None for anything else."""
+    noun = " ".join(text.strip().lower().split())
+    return noun if _NOUN.match(noun) else None
+
+
+async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, state: FSMContext,
+                         noun: str | None) -> None:
+    # 1. the draft must have enough usable images
+    draft = await current_draft(ctx, user_id)
+    if draft is None:
+        await bot.send_message(user_id, t(lang, "train_no_draft"))
+        return
+    images = await ctx.repo.list_images(draft.id)
+    if len(images) < MIN_IMAGES:
+        await bot.send_message(user_id, t(lang, "train_too_few", name=draft.name, count=len(images),
+                                          min=MIN_IMAGES))
+        return
+    # 2. the class noun: asked for (with suggestions) when not given
+    if noun is None:
+        await state.set_state(Train.noun)
+        await bot.send_message(user_id, t(lang, "train_ask_noun"), reply_markup=noun_keyboard())
+        return
+    # 3. submit; the message goes first so the notifier always has it to edit
+    queued = t(lang, "train_queued", name=draft.name, noun=noun, count=len(images), position=1, eta="")
+    message = await bot.send_message(user_id, queued)
+    payload = {"style_id": draft.id, "images": [img.path for img in images], "class_noun": noun,
+               "steps": None, "seed": secrets.randbelow(2**31)}
+    try:
+        job = await ctx.queue.submit(JobKind.TRAIN, user_id, payload)
+    except QuotaExceededError as exc:
+        await message.edit_text(str(exc))
+        return
+    except QueueUnavailableError:
+        await message.edit_text(t(lang, "queue_unavailable"))
+        return
+    await ctx.repo.update_style(draft.id, status="queued", class_noun=noun)
+    await state.clear()
+    ctx.notifier.track(job.id, user_id, message.message_id, queued)
+    # 4. the real position and ETA
+    position = await ctx.queue.position(job.id)
+    if position.position >= 1:
+        text = t(lang, "train_queued", name=draft.name, noun=noun, count=len(images),
+                 position=position.position, eta=eta_text(lang, position.eta_seconds))
+        tracked = ctx.notifier.tracked.get(job.id)
+        if tracked is not None and tracked.text == queued and text != queued:
+            tracked.text = text
+            await message.edit_text(text)
+
+
+@router.message(Command("train"))
+async def on_train(message: Message, command: CommandObject, bot: Bot, ctx: BotContext, lang: str,
+                   user_id: int, state: FSMContext) -> None:
+    noun = None
+    if command.args:
+        noun = clean_noun(command.args)
+        if noun is None:
+            await message.answer(t(lang, "train_bad_noun"))
+            return
+    await start_training(bot, ctx, lang, user_id, state, noun)
+
+
+@router.callback_query(F.data == "train")
+async def on_train_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
+                          user_id: int, state: FSMContext) -> None:
+    await query.answer()
+    await start_training(bot, ctx, lang, user_id, state, None)
+
+
+@router.callback_query(F.data.startswith("noun:"))
+async def on_noun_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
+                         user_id: int, state: FSMContext) -> None:
+    noun = (query.data or "").partition(":")[2]
+    if noun not in NOUN_SUGGESTIONS:
+        await query.answer(t(lang, "forged"), show_alert=True)
+        return
+    await query.answer()
+    await start_training(bot, ctx, lang, user_id, state, noun)
+
+
+@router.message(Train.noun, F.text, ~F.text.startswith("/"))
+async def on_noun_text(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
+                       state: FSMContext) -> None:
+    noun = clean_noun(message.text or "")
+    if noun is None:
+        await message.answer(t(lang, "train_bad_noun"))
+        return
+    await start_training(bot, ctx, lang, user_id, state, noun)

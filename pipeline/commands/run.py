@@ -1,0 +1,108 @@
+"""``stickerbot run``: everything on one machine. Migrates the database, checks the token, starts
+one ``stickerbot worker`` subprocess and the bot; SIGINT/SIGTERM stop both. A worker that dies is
+started again (after a pause), so a crash in model code never takes the bot down."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from pipeline.settings import Settings
+
+HELP = "migrate the database, then run the bot and one worker together (Ctrl+C stops both)"
+log = logging.getLogger("stickerbot.run")
+
+WORKER_RESTART_DELAY = 5.0
+WORKER_STOP_TIMEOUT = 60.0  # a training step is allowed to finish and save
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-worker", action="store_true",
+                        help="start the bot only (workers run elsewhere)")
+
+
+def worker_command(settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "worker", "--preset", settings.preset,
+            "--data-dir", str(settings.data_dir)]
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    # The worker inherits the environment (and so .env-derived variables set by the operator);
+    # its own process group, so a Ctrl+C in the terminal reaches it only through us.
+    return subprocess.Popen(worker_command(settings), env=dict(os.environ), start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=WORKER_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def supervise(settings: Settings, with_worker: bool) -> None:
+    from bot.app import BotApp
+
+    app = await BotApp.create(settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    stop_tasks: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        stopping.set()
+        stop_tasks.append(loop.create_task(app.stop()))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    worker = start_worker(settings) if with_worker else None
+
+    async def watch_worker() -> None:
+        nonlocal worker
+        while not stopping.is_set() and worker is not None:
+            code = await asyncio.to_thread(worker.wait)
+            if stopping.is_set():
+                return
+            log.error("the worker exited with code %s; starting it again in %.0f s", code,
+                      WORKER_RESTART_DELAY)
+            await asyncio.sleep(WORKER_RESTART_DELAY)
+            if not stopping.is_set():
+                worker = start_worker(settings)
+
+    watcher = asyncio.create_task(watch_worker())
+    try:
+        await app.run(handle_signals=False)
+    finally:
+        stopping.set()
+        if worker is not None:
+            await asyncio.to_thread(stop_worker, worker)
+        watcher.cancel()
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.storage.db import open_database, schema_version
+
+    # 1. the database schema
+    async def migrate() -> int:
+        conn = await open_database(settings.db_path)
+        try:
+            return await schema_version(conn)
+        finally:
+            await conn.close()
+
+    version = asyncio.run(migrate())
+    print(f"database {settings.db_path} at schema version {version}", flush=True)
+    # 2. the token (a ConfigError that says how to get one)
+    settings.require_token()
+    # 3. the worker and the bot
+    print(f"starting the bot and {'no' if args.no_worker else 'one'} worker "
+          f"(preset {settings.preset}); Ctrl+C stops both", flush=True)
+    asyncio.run(supervise(settings, with_worker=not args.no_worker))
+    return 0
