@@ -1,0 +1,386 @@
+"""Generation: img2img from the photo with the user's style, many users on one resident model.
+
+A worker builds one :class:`StickerGenerator` from its resident :class:`DiffusionModels` and keeps
+it for its lifetime. The generator owns one ``StableDiffusionImg2ImgPipeline`` that shares those
+components (nothing is reloaded per request). Style adapters (LoRA) are loaded by style id into an
+LRU cache and activated per request with ``set_adapters``; an evicted adapter is deleted from the
+UNet. Only the requested adapter is active during a request, so a request for style A returns
+exactly what a freshly loaded A would, whatever ran before it.
+
+Fully fine-tuned styles (``kind == "full"``) swap in their own UNet (one kept resident).
+A fast mode uses an LCM-LoRA (``settings.lcm_lora``) next to the style adapter: 4 denoising steps
+at guidance about 1.5.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageOps
+
+from pipeline.errors import ConfigError, ModelNotFoundError, StyleError
+from pipeline.style import LORA_FILE, STYLE_FILE, UNET_DIR, StyleInfo, read_style
+
+if TYPE_CHECKING:
+    from pipeline.models import DiffusionModels
+
+log = logging.getLogger(__name__)
+
+FAST_STEPS = 4  # denoising steps that run in fast mode (LCM)
+FAST_GUIDANCE = 1.5
+LCM_ADAPTER = "lcm"
+MAX_ASPECT = 2.0  # photos more elongated than 2:1 are centre-cropped to 2:1 before generation
+MAX_VARIANTS = 8
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """img2img settings. The defaults are the best ones in public reports for SD 1.5 LoRAs."""
+
+    strength: float = 0.6  # how far from the photo: 0 keeps it, 1 ignores it
+    guidance: float = 7.0  # classifier-free guidance scale
+    steps: int = 30  # scheduler steps; img2img runs int(steps * strength) of them
+    adapter_scale: float = 0.8  # LoRA weight; 0 = the base model
+    fast: bool = False  # LCM-LoRA: FAST_STEPS denoising steps at FAST_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], not {self.strength}")
+        if not 1 <= self.steps <= 200:
+            raise ValueError(f"steps must be 1..200, not {self.steps}")
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps {self.steps} x strength {self.strength} runs no denoising step; "
+                             "raise one of them")
+        if not 0.0 <= self.guidance <= 30.0:
+            raise ValueError(f"guidance must be 0..30, not {self.guidance}")
+        if not 0.0 <= self.adapter_scale <= 2.0:
+            raise ValueError(f"adapter_scale must be 0..2, not {self.adapter_scale}")
+
+
+@dataclass(frozen=True)
+class StyleRef:
+    """A checked style directory and the id it is cached under."""
+
+    id: str
+    directory: Path
+    info: StyleInfo
+    fingerprint: tuple[Any, ...]  # changes when the directory's weights are rewritten
+
+    @classmethod
+    def open(cls, directory: str | Path, *, style_id: str | None = None) -> StyleRef:
+        """Read and check a style directory (StyleError naming the style when unusable)."""
+        directory = Path(directory)
+        sid = style_id or directory.name
+        info = read_style(directory, name=sid)
+        weights = directory / (LORA_FILE if info.kind == "lora" else UNET_DIR)
+        try:
+            files = [directory / STYLE_FILE, weights]
+            if info.kind == "full":
+                files += sorted(p for p in weights.iterdir() if p.is_file())
+            stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        except OSError as exc:
+            raise StyleError(f"style {sid!r} cannot be read ({exc.__class__.__name__})") from exc
+        return cls(id=sid, directory=directory.resolve(), info=info, fingerprint=(str(directory.resolve()),
+                                                                                   *stamp))
+
+
+def size_multiple(diffusion: DiffusionModels) -> int:
+    """Pixel sizes must divide by this: the VAE's downsampling times the UNet's."""
+    unet_down = 2 ** (len(diffusion.unet.config.block_out_channels) - 1)
+    return diffusion.vae_scale_factor * unet_down
+
+
+def fit_to_model(image: Image.Image, *, resolution: int, multiple: int,
+                 max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """The photo at the model's resolution without distortion: the longer side becomes
+    ``resolution``, both sides multiples of ``multiple``. The crop is the minimal centred one that
+    gives the rounded size's exact aspect (and at most ``max_aspect``:1, so a panorama keeps a
+    usable height); the scale is uniform."""
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} is not a multiple of {multiple}")
+    w, h = image.size
+    aspect = min(max(w, h) / max(1, min(w, h)), max_aspect)
+    short = max(multiple, round(resolution / aspect / multiple) * multiple)
+    size = (resolution, short) if w >= h else (short, resolution)
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+@dataclass
+class _Adapter:
+    name: str  # the peft adapter name inside the UNet (and text encoder)
+    fingerprint: tuple[Any, ...]
+
+
+class StickerGenerator:
+    """img2img with per-style adapters on one resident pipeline. Build once per worker process.
+
+    Thread-safe: one request at a time holds the pipeline (activation and denoising must not
+    interleave).
+    """
+
+    def __init__(self, diffusion: DiffusionModels, *, cache_size: int = 4, lcm_lora: str | None = None,
+                 full_cache_size: int = 1) -> None:
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+
+        if cache_size < 1:
+            raise ConfigError(f"STICKERBOT_ADAPTER_CACHE_SIZE must be at least 1, not {cache_size}")
+        self.diffusion = diffusion
+        self.cache_size = cache_size
+        self.full_cache_size = max(1, full_cache_size)
+        self.lcm_lora = lcm_lora
+        # DPM-Solver++ (2M): good images in 20-30 steps; its state resets at every set_timesteps.
+        self._scheduler = DPMSolverMultistepScheduler.from_config(diffusion.scheduler_config)
+        self._fast_scheduler: Any = None
+        self.pipe = StableDiffusionImg2ImgPipeline(
+            vae=diffusion.vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer,
+            unet=diffusion.unet, scheduler=self._scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self._adapters: OrderedDict[str, _Adapter] = OrderedDict()
+        self._full: OrderedDict[str, tuple[tuple[Any, ...], Any]] = OrderedDict()  # id -> (fp, pipe)
+        self._lcm_loaded = False
+        self._names = itertools.count()
+        self._lock = threading.RLock()
+        self.loads = 0  # adapters loaded from disk so far (cache misses), for metrics and tests
+
+    # --- Cache -----------------------------------------------------------------------------
+
+    @property
+    def cached_styles(self) -> list[str]:
+        """Style ids with an adapter loaded, least recently used first."""
+        return list(self._adapters)
+
+    @property
+    def multiple(self) -> int:
+        return size_multiple(self.diffusion)
+
+    def _loaded_names(self) -> set[str]:
+        names: set[str] = set()
+        for adapters in self.pipe.get_list_adapters().values():
+            names.update(adapters)
+        return names
+
+    def _delete(self, name: str) -> None:
+        try:
+            if name in self._loaded_names():
+                self.pipe.delete_adapters(name)
+        except (ValueError, KeyError, AttributeError) as exc:  # half-loaded adapter: best effort
+            log.warning("could not delete adapter %s: %s", name, exc)
+
+    def load_adapter(self, style: StyleRef) -> str:
+        """The adapter name of ``style``, loading it (and evicting the least recently used one)
+        on a miss. A style rewritten on disk since it was cached is reloaded."""
+        with self._lock:
+            cached = self._adapters.get(style.id)
+            if cached is not None and cached.fingerprint == style.fingerprint:
+                self._adapters.move_to_end(style.id)
+                return cached.name
+            if cached is not None:
+                self._delete(self._adapters.pop(style.id).name)
+            while len(self._adapters) >= self.cache_size:
+                evicted_id, evicted = self._adapters.popitem(last=False)
+                self._delete(evicted.name)
+                log.debug("evicted adapter of style %s", evicted_id)
+            name = f"style_{next(self._names)}"
+            if style.info.base_model != self.diffusion.source:
+                log.info("style %s was trained on %s, serving on %s", style.id,
+                         style.info.base_model, self.diffusion.source)
+            try:
+                self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
+                                            adapter_name=name)
+            except Exception as exc:  # any failure to load is this style's fault
+                self._delete(name)
+                raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
+                                 f"{self.diffusion.source} ({exc.__class__.__name__}: "
+                                 f"{str(exc)[:200]})") from exc
+            if name not in self._loaded_names():
+                raise StyleError(f"style {style.id!r}: its adapter file holds no LoRA weights "
+                                 "for this model")
+            self._adapters[style.id] = _Adapter(name=name, fingerprint=style.fingerprint)
+            self.loads += 1
+            return name
+
+    def _load_lcm(self) -> None:
+        if self._lcm_loaded:
+            return
+        if not self.lcm_lora:
+            raise ConfigError("fast mode needs an LCM-LoRA: set STICKERBOT_LCM_LORA to its id or "
+                              "directory (e.g. latent-consistency/lcm-lora-sdv1-5)")
+        try:
+            self.pipe.load_lora_weights(self.lcm_lora, adapter_name=LCM_ADAPTER)
+        except Exception as exc:  # report which setting is wrong
+            self._delete(LCM_ADAPTER)
+            raise ModelNotFoundError(f"cannot load the LCM-LoRA {self.lcm_lora!r} "
+                                     f"(STICKERBOT_LCM_LORA): {exc.__class__.__name__}: "
+                                     f"{str(exc)[:200]}") from exc
+        self._lcm_loaded = True
+
+    def _full_pipeline(self, style: StyleRef) -> Any:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        from pipeline.models import load_unet
+
+        hit = self._full.get(style.id)
+        if hit is not None and hit[0] == style.fingerprint:
+            self._full.move_to_end(style.id)
+            return hit[1]
+        self._full.pop(style.id, None)
+        while len(self._full) >= self.full_cache_size:
+            self._full.popitem(last=False)
+        try:
+            unet = load_unet(style.directory / UNET_DIR, device=self.diffusion.device,
+                             dtype=self.diffusion.dtype)
+        except ModelNotFoundError as exc:
+            raise StyleError(f"style {style.id!r}: its fine-tuned UNet cannot be loaded") from exc
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
+            tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self._full[style.id] = (style.fingerprint, pipe)
+        self.loads += 1
+        return pipe
+
+    def unload_all(self) -> None:
+        """Remove every adapter from the resident UNet and text encoder (and drop fine-tuned
+        UNets), restoring the bare base modules. Call before another user of the same modules
+        (the trainer) adds its own adapter; the cache refills lazily afterwards."""
+        with self._lock:
+            if self._loaded_names():
+                self.pipe.unload_lora_weights()
+            self._adapters.clear()
+            self._full.clear()
+            self._lcm_loaded = False
+
+    def _activate(self, names: list[str], weights: list[float]) -> None:
+        if not self._loaded_names():
+            return
+        if names:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, adapter_weights=weights)
+        else:
+            self.pipe.disable_lora()
+
+    # --- Generation -------------------------------------------------------------------------
+
+    def generate(self, image: Image.Image, *, prompt: str, negative_prompt: str | None,
+                 seeds: Sequence[int], style: StyleRef | None = None,
+                 params: GenerationParams = GenerationParams()) -> list[Image.Image]:
+        """One RGB image per seed, at ``image``'s size (see :func:`fit_to_model`).
+
+        ``style=None`` is the base model. Each seed gives the same image whatever else is
+        generated in the batch and whatever ran before.
+        """
+        import torch
+        from diffusers import LCMScheduler
+
+        if not 1 <= len(seeds) <= MAX_VARIANTS:
+            raise ValueError(f"between 1 and {MAX_VARIANTS} seeds, not {len(seeds)}")
+        w, h = image.size
+        if w % self.multiple or h % self.multiple:
+            raise ValueError(f"image size {w}x{h} is not a multiple of {self.multiple}: "
+                             "use fit_to_model first")
+        rgb = image.convert("RGB")
+        with self._lock:
+            # 1. pick the pipeline and the adapters of this request
+            names: list[str] = []
+            weights: list[float] = []
+            if style is not None and style.info.kind == "full":
+                if params.fast:
+                    raise StyleError(f"style {style.id!r} is fully fine-tuned: fast mode (LCM-LoRA) "
+                                     "works with LoRA styles only")
+                pipe = self._full_pipeline(style)
+            else:
+                pipe = self.pipe
+                if style is not None:
+                    names.append(self.load_adapter(style))
+                    weights.append(params.adapter_scale)
+            if params.fast:
+                self._load_lcm()
+                names.append(LCM_ADAPTER)
+                weights.append(1.0)
+            self._activate(names, weights)
+            # 2. schedule
+            if params.fast:
+                if self._fast_scheduler is None:
+                    self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
+                pipe.scheduler = self._fast_scheduler
+                steps = math.ceil(FAST_STEPS / params.strength)
+                guidance = FAST_GUIDANCE
+            else:
+                pipe.scheduler = self._scheduler
+                steps, guidance = params.steps, params.guidance
+            # The trainer shares these modules and may leave them in train mode (LoRA dropout).
+            for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                module.eval()
+            # 3. denoise; CPU generators give the same noise on every device
+            generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=prompt, negative_prompt=negative_prompt or None, image=rgb,
+                    strength=params.strength, num_inference_steps=steps, guidance_scale=guidance,
+                    num_images_per_prompt=len(seeds), generator=generators, output_type="pil",
+                )
+        return list(out.images)
+
+
+def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, seed: int = 0, rank: int = 4,
+                       text_encoder: bool = False, identifier: str = "zqv",
+                       class_noun: str = "cat") -> StyleInfo:
+    """Write a random-weight LoRA style for ``diffusion``'s architecture into ``style_dir``, in
+    exactly the format the trainer writes (diffusers LoRA + ``style.json``).
+
+    For tests, benchmarks and smoke runs where no trained style exists. The LoRA's up-projections
+    are non-zero (a fresh LoRA would be a no-op). ``diffusion`` is left untouched: the adapter
+    is added to copies of its modules.
+    """
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from pipeline.prompts import class_prompt, instance_prompt
+    from pipeline.style import write_style_info
+
+    style_dir = Path(style_dir)
+    style_dir.mkdir(parents=True, exist_ok=True)
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = copy.deepcopy(diffusion.unet)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        te_layers = None
+        if text_encoder:
+            te = copy.deepcopy(diffusion.text_encoder)
+            te.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+    finally:
+        torch.random.set_rng_state(rng_state)
+    StableDiffusionPipeline.save_lora_weights(
+        style_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+        safe_serialization=True,
+    )
+    info = StyleInfo(
+        identifier=identifier, class_noun=class_noun,
+        instance_prompt=instance_prompt(identifier, class_noun), class_prompt=class_prompt(class_noun),
+        base_model=diffusion.source, kind="lora", resolution=diffusion.resolution, steps=0, seed=seed,
+        train_set_sha256="", rank=rank, lora_alpha=float(rank), text_encoder_trained=text_encoder,
+        extra={"random": True},
+    )
+    write_style_info(style_dir, info)
+    return info
