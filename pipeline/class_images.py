@@ -1,0 +1,141 @@
+"""Class-prior images: what the base model draws for the class prompt, cached and shared.
+
+Prior preservation trains on these next to the user's stickers so the class noun keeps its
+meaning. They depend only on the base model, the class prompt and the resolution (and the
+sampler settings), never on the user, so one cache entry serves every style of that class:
+
+    <class_cache_dir>/<key>/
+        meta.json          what the key stands for
+        0000.png ...       image i is generated from seed (key, i): a larger count only adds
+                           images, a smaller one reads a prefix
+
+Generation runs txt2img on the resident components with any loaded adapter switched off, and
+takes an exclusive file lock per key, so two workers needing the same class generate it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipeline.models import DiffusionModels
+from pipeline.storage.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassImages:
+    images: list[Image.Image]
+    directory: Path
+    generated: int  # how many this call had to generate (0: all came from the cache)
+
+
+def class_cache_key(*, base_model: str, prompt: str, resolution: int, steps: int,
+                    guidance: float) -> str:
+    raw = json.dumps({"base": base_model, "prompt": prompt, "resolution": resolution,
+                      "steps": steps, "guidance": guidance}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def base_model_only(*modules: Any) -> Iterator[None]:
+    """Switch every LoRA layer of ``modules`` off, and back to exactly its old state after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer.disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer, disabled in zip(layers, before, strict=True):
+            layer.enable_adapters(not disabled)
+
+
+def _pipeline(models: DiffusionModels) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+        unet=models.unet, scheduler=DPMSolverMultistepScheduler.from_config(models.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ensure_class_images(
+    models: DiffusionModels,
+    *,
+    prompt: str,
+    count: int,
+    cache_dir: Path,
+    resolution: int | None = None,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 4,
+    negative_prompt: str | None = None,
+) -> ClassImages:
+    """``count`` class images for ``prompt``, generating only those the cache lacks."""
+    resolution = resolution or models.resolution
+    key = class_cache_key(base_model=models.source, prompt=prompt, resolution=resolution,
+                          steps=steps, guidance=guidance)
+    directory = Path(cache_dir) / key
+    names = [f"{i:04d}.png" for i in range(count)]
+    generated = 0
+    with _locked(Path(cache_dir) / f".{key}.lock"):
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = directory / "meta.json"
+        if not meta.is_file():
+            write_atomic(meta, json.dumps({"base_model": models.source, "prompt": prompt,
+                                           "resolution": resolution, "steps": steps,
+                                           "guidance": guidance}, indent=2).encode())
+        missing = [i for i, name in enumerate(names) if not (directory / name).is_file()]
+        if missing:
+            pipe = _pipeline(models)
+            seed_base = int(key[:8], 16)
+            with base_model_only(models.unet, models.text_encoder), torch.inference_mode():
+                for start in range(0, len(missing), batch_size):
+                    chunk = missing[start:start + batch_size]
+                    generators = [torch.Generator("cpu").manual_seed(seed_base + i) for i in chunk]
+                    out = pipe(
+                        [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk)
+                        if negative_prompt else None, height=resolution, width=resolution,
+                        num_inference_steps=steps, guidance_scale=guidance,
+                        generator=generators, output_type="pil",
+                    )
+                    for i, img in zip(chunk, out.images, strict=True):
+                        buf = io.BytesIO()
+                        img.convert("RGB").save(buf, format="PNG")
+                        write_atomic(directory / names[i], buf.getvalue())
+                    generated += len(chunk)
+            log.info("generated %d class images for %r in %s", generated, prompt, directory)
+        images = []
+        for name in names:
+            with Image.open(directory / name) as img:
+                images.append(img.convert("RGB"))
+    return ClassImages(images=images, directory=directory, generated=generated)
