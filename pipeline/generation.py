@@ -335,14 +335,16 @@ class StickerGenerator:
 
 
 def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, seed: int = 0, rank: int = 4,
-                       text_encoder: bool = False, identifier: str = "zqv",
-                       class_noun: str = "cat") -> StyleInfo:
+                       text_encoder: bool = False, identifier: str = "zqv", class_noun: str = "cat",
+                       copy_modules: bool = True) -> StyleInfo:
     """Write a random-weight LoRA style for ``diffusion``'s architecture into ``style_dir``, in
     exactly the format the trainer writes (diffusers LoRA + ``style.json``).
 
     For tests, benchmarks and smoke runs where no trained style exists. The LoRA's up-projections
-    are non-zero (a fresh LoRA would be a no-op). ``diffusion`` is left untouched: the adapter
-    is added to copies of its modules.
+    are non-zero (a fresh LoRA would be a no-op). With ``copy_modules`` (the default) the adapter
+    is added to copies and ``diffusion`` is untouched; without it (real-size models, where a copy
+    costs gigabytes) it is added to ``diffusion``'s own modules and deleted again, which leaves
+    empty, output-neutral LoRA wrappers behind.
     """
     import copy
 
@@ -358,17 +360,25 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     style_dir.mkdir(parents=True, exist_ok=True)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    name = f"random_style_{seed}"
+
+    def lora_of(module: Any, targets: list[str]) -> dict[str, Any]:
+        target = copy.deepcopy(module) if copy_modules else module
+        target.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                      target_modules=targets), adapter_name=name)
+        try:
+            state = get_peft_model_state_dict(target, adapter_name=name)
+            return convert_state_dict_to_diffusers({k: v.detach().clone() for k, v in state.items()})
+        finally:
+            if not copy_modules and hasattr(target, "delete_adapters"):  # diffusers models
+                target.delete_adapters(name)
+            elif not copy_modules:  # transformers models
+                target.delete_adapter(name)
+
     try:
-        unet = copy.deepcopy(diffusion.unet)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        te_layers = None
-        if text_encoder:
-            te = copy.deepcopy(diffusion.text_encoder)
-            te.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-            te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+        unet_layers = lora_of(diffusion.unet, ["to_k", "to_q", "to_v", "to_out.0"])
+        te_layers = (lora_of(diffusion.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"])
+                     if text_encoder else None)
     finally:
         torch.random.set_rng_state(rng_state)
     StableDiffusionPipeline.save_lora_weights(
