@@ -98,8 +98,9 @@ def build_dispatcher(ctx: BotContext, storage: SQLiteStorage, options: BotOption
     dp.update.outer_middleware(ThrottlingMiddleware(rate=options.throttle_rate,
                                                     burst=options.throttle_burst))
     dp.include_routers(
-        errors.router, start.router, admin.router, account.router, styles.router,
-        training.router, stickers.router, collect.router, start.fallback_router,
+        errors.create_router(), start.create_router(), admin.create_router(),
+        account.create_router(), styles.create_router(), training.create_router(),
+        stickers.create_router(), collect.create_router(), start.create_fallback_router(),
     )
     return dp
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,3 +27,10 @@ class BotContext:
     bot_username: str = ""
     # Background tasks started by handlers (pack imports), awaited or cancelled on shutdown.
     tasks: set = field(default_factory=set)  # set[asyncio.Task[None]]
+    _locks: dict[int, asyncio.Lock] = field(default_factory=dict)
+
+    def user_lock(self, user_id: int) -> asyncio.Lock:
+        """Serialises one user's draft bookkeeping (album items arrive concurrently)."""
+        if len(self._locks) > 10_000:
+            self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+        return self._locks.setdefault(user_id, asyncio.Lock())

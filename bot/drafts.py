@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from aiogram import Bot
@@ -39,7 +38,8 @@ async def new_draft(ctx: BotContext, user_id: int) -> Style | None:
 
 
 async def draft_for_upload(ctx: BotContext, user_id: int) -> Style | None:
-    return await current_draft(ctx, user_id) or await new_draft(ctx, user_id)
+    async with ctx.user_lock(user_id):
+        return await current_draft(ctx, user_id) or await new_draft(ctx, user_id)
 
 
 def reason_text(lang: str, exc: Exception) -> str:
@@ -71,6 +71,3 @@ async def add_to_draft(ctx: BotContext, bot: Bot, draft: Style, lang: str, *, fi
 def skipped_animated(lang: str, *, video: bool) -> Outcome:
     return Outcome("skipped", t(lang, "reason_video" if video else "reason_animated"))
 
-
-async def gather_outcomes(*work: asyncio.Future[Outcome]) -> list[Outcome]:
-    return list(await asyncio.gather(*work))

@@ -17,12 +17,10 @@ from bot.texts import t
 from pipeline.errors import JobError
 from pipeline.queue.base import JobState
 
-router = Router(name="account")
 
 ACTIVE = [JobState.QUEUED, JobState.RUNNING]
 
 
-@router.message(Command("status"))
 async def on_status(message: Message, ctx: BotContext, lang: str, user_id: int) -> None:
     jobs = await ctx.queue.list_for_user(user_id, limit=10)
     if not jobs:
@@ -52,7 +50,6 @@ async def cancel_jobs(ctx: BotContext, user_id: int) -> int:
     return n
 
 
-@router.message(Command("cancel"))
 async def on_cancel(message: Message, ctx: BotContext, lang: str, user_id: int,
                     state: FSMContext) -> None:
     await state.set_state(None)
@@ -60,12 +57,10 @@ async def on_cancel(message: Message, ctx: BotContext, lang: str, user_id: int,
     await message.answer(t(lang, "cancelled", n=n) if n else t(lang, "cancel_nothing"))
 
 
-@router.message(Command("delete_me"))
 async def on_delete_me(message: Message, lang: str) -> None:
     await message.answer(t(lang, "delete_me_ask"), reply_markup=confirm_delete_me_keyboard(lang))
 
 
-@router.callback_query(F.data == "forget:yes")
 async def on_forget(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                     state: FSMContext) -> None:
     await query.answer()
@@ -103,3 +98,13 @@ async def forget_user(ctx: BotContext, user_id: int) -> None:
             shutil.rmtree(ctx.data.path_for(area, job.id), ignore_errors=True)
     for job in jobs:
         ctx.notifier.tracked.pop(job.id, None)
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="account")
+    router.message.register(on_status, Command("status"))
+    router.message.register(on_cancel, Command("cancel"))
+    router.message.register(on_delete_me, Command("delete_me"))
+    router.callback_query.register(on_forget, F.data == "forget:yes")
+    return router

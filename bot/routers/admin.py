@@ -11,7 +11,6 @@ from aiogram.types import Message
 from bot.context import BotContext
 from bot.texts import t
 
-router = Router(name="admin")
 
 
 def ago(seconds: float) -> str:
@@ -42,7 +41,6 @@ async def worker_health(ctx: BotContext, now: float) -> str:
     return t("en", "worker_never") if last is None else t("en", "worker_idle", ago=ago(now - last))
 
 
-@router.message(Command("stats"))
 async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -> None:
     if user_id not in ctx.settings.admin_ids:
         await message.answer(t(lang, "not_admin"))
@@ -60,3 +58,10 @@ async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -
         stickers=int(await _scalar(ctx, "SELECT COUNT(*) FROM stickers") or 0),
         jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()),
     ))
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="admin")
+    router.message.register(on_stats, Command("stats"))
+    return router

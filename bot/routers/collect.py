@@ -32,7 +32,6 @@ from bot.states import Collect
 from bot.texts import t
 from pipeline.storage.repository import Style
 
-router = Router(name="collect")
 
 PACK_LINK = re.compile(r"(?:https?://)?(?:t|telegram)\.me/addstickers/([A-Za-z0-9_]{1,64})\b")
 PACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -106,7 +105,6 @@ async def _resolved(outcome: Outcome) -> Outcome:
     return outcome
 
 
-@router.message(F.sticker)
 async def on_sticker(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                      state: FSMContext) -> None:
     sticker = message.sticker
@@ -118,7 +116,6 @@ async def on_sticker(message: Message, bot: Bot, ctx: BotContext, lang: str, use
                 name="sticker", size=sticker.file_size, source="sticker", outcome=outcome)
 
 
-@router.message(F.photo | F.document)
 async def on_picture(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                      state: FSMContext) -> None:
     if message.document is not None and not is_image_document(message):
@@ -146,7 +143,6 @@ async def on_picture(message: Message, bot: Bot, ctx: BotContext, lang: str, use
                 source=source)
 
 
-@router.callback_query(F.data == "new")
 async def on_new_style(query: CallbackQuery, ctx: BotContext, lang: str, user_id: int,
                        state: FSMContext) -> None:
     await query.answer()
@@ -160,7 +156,6 @@ async def on_new_style(query: CallbackQuery, ctx: BotContext, lang: str, user_id
     await query.message.answer(t(lang, "new_style_started", name=draft.name))  # type: ignore[union-attr]
 
 
-@router.message(Command("new"))
 async def on_new_command(message: Message, ctx: BotContext, lang: str, user_id: int,
                          state: FSMContext) -> None:
     draft = await current_draft(ctx, user_id)
@@ -173,7 +168,6 @@ async def on_new_command(message: Message, ctx: BotContext, lang: str, user_id: 
     await message.answer(t(lang, "new_style_started", name=draft.name))
 
 
-@router.message(Command("import"))
 async def on_import_command(message: Message, command: CommandObject, bot: Bot, ctx: BotContext,
                             lang: str, user_id: int, state: FSMContext) -> None:
     name = (command.args or "").strip()
@@ -186,7 +180,6 @@ async def on_import_command(message: Message, command: CommandObject, bot: Bot, 
     await import_pack(message, bot, ctx, lang, user_id, state, name)
 
 
-@router.message(F.text.regexp(PACK_LINK))
 async def on_pack_link(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                        state: FSMContext) -> None:
     match = PACK_LINK.search(message.text or "")
@@ -239,3 +232,15 @@ async def import_pack(message: Message, bot: Bot, ctx: BotContext, lang: str, us
     if count >= MIN_IMAGES:
         text += "\n" + t(lang, "draft_ready_hint")
     await progress.edit_text(text, reply_markup=train_keyboard(lang) if count >= MIN_IMAGES else None)
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="collect")
+    router.message.register(on_sticker, F.sticker)
+    router.message.register(on_picture, F.photo | F.document)
+    router.callback_query.register(on_new_style, F.data == "new")
+    router.message.register(on_new_command, Command("new"))
+    router.message.register(on_import_command, Command("import"))
+    router.message.register(on_pack_link, F.text.regexp(PACK_LINK, mode="search"))
+    return router

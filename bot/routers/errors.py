@@ -16,7 +16,6 @@ from bot.texts import t
 from pipeline.errors import InputError, QueueUnavailableError, QuotaExceededError
 
 log = logging.getLogger("bot.errors")
-router = Router(name="errors")
 
 
 def user_message(lang: str, exc: BaseException, error_id: str) -> str:
@@ -29,7 +28,6 @@ def user_message(lang: str, exc: BaseException, error_id: str) -> str:
     return t(lang, "error", error_id=error_id)
 
 
-@router.errors()
 async def on_error(event: ErrorEvent, bot: Bot, **data: Any) -> bool:
     error_id = secrets.token_hex(4)
     update = event.update
@@ -52,3 +50,10 @@ async def on_error(event: ErrorEvent, bot: Bot, **data: Any) -> bool:
     except Exception:
         log.exception("could not tell user about error %s", error_id)
     return True
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="errors")
+    router.errors.register(on_error)
+    return router

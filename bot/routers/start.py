@@ -10,29 +10,22 @@ from bot.context import BotContext
 from bot.keyboards import language_keyboard, start_keyboard
 from bot.texts import LANGUAGES, t
 
-router = Router(name="start")
-fallback_router = Router(name="fallback")
 
 
-@router.message(CommandStart())
-@router.message(Command("help"))
 async def on_start(message: Message, lang: str) -> None:
     await message.answer(t(lang, "start"), reply_markup=start_keyboard(lang))
 
 
-@router.callback_query(F.data == "help")
 async def on_help_button(query: CallbackQuery, lang: str) -> None:
     await query.answer()
     if query.message is not None:
         await query.message.answer(t(lang, "start"), reply_markup=start_keyboard(lang))
 
 
-@router.message(Command("lang"))
 async def on_lang(message: Message, lang: str) -> None:
     await message.answer(t(lang, "lang_pick"), reply_markup=language_keyboard())
 
 
-@router.callback_query(F.data.startswith("lang:"))
 async def on_lang_pick(query: CallbackQuery, ctx: BotContext, lang: str, user_id: int) -> None:
     choice = (query.data or "").partition(":")[2]
     if choice not in LANGUAGES:
@@ -44,11 +37,28 @@ async def on_lang_pick(query: CallbackQuery, ctx: BotContext, lang: str, user_id
         await query.message.answer(t(choice, "lang_set"), reply_markup=start_keyboard(choice))
 
 
-@fallback_router.message()
 async def on_anything_else(message: Message, lang: str) -> None:
     await message.answer(t(lang, "unknown_text"))
 
 
-@fallback_router.callback_query()
 async def on_unknown_button(query: CallbackQuery, lang: str) -> None:
     await query.answer(t(lang, "forged"), show_alert=True)
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="start")
+    router.message.register(on_start, CommandStart())
+    router.message.register(on_start, Command("help"))
+    router.callback_query.register(on_help_button, F.data == "help")
+    router.message.register(on_lang, Command("lang"))
+    router.callback_query.register(on_lang_pick, F.data.startswith("lang:"))
+    return router
+
+
+def create_fallback_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="fallback")
+    router.message.register(on_anything_else)
+    router.callback_query.register(on_unknown_button)
+    return router

@@ -23,7 +23,6 @@ from pipeline.queue.base import JobKind
 from pipeline.storage.repository import Sticker, Style
 
 log = logging.getLogger(__name__)
-router = Router(name="stickers")
 
 DAY = 24 * 3600.0
 PACK_LIMIT_ERRORS = ("STICKERS_TOO_MUCH", "STICKERSET_FULL", "too much")
@@ -102,7 +101,6 @@ async def _photo_of(ctx: BotContext, sticker: Sticker) -> str | None:
         return None
 
 
-@router.callback_query(F.data.startswith("again:"))
 async def on_again(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int) -> None:
     sticker = await _owned_sticker(query, ctx, lang, user_id)
     if sticker is None:
@@ -119,7 +117,6 @@ async def on_again(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, u
     await submit_sticker(bot, ctx, lang, user_id, style, photo)
 
 
-@router.callback_query(F.data.startswith("other:"))
 async def on_other_style(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                          state: FSMContext) -> None:
     sticker = await _owned_sticker(query, ctx, lang, user_id)
@@ -134,7 +131,6 @@ async def on_other_style(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: 
     await bot.send_message(user_id, t(lang, "style_pick"), reply_markup=style_pick_keyboard(ready))
 
 
-@router.callback_query(F.data.startswith("redo:"))
 async def on_redo(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                   state: FSMContext) -> None:
     style = await ctx.repo.get_user_style(user_id, (query.data or "").partition(":")[2])
@@ -156,7 +152,6 @@ def pack_name_for(ctx: BotContext, user_id: int) -> str:
     return f"{ctx.settings.pack_prefix}_{user_id}_by_{ctx.bot_username}"
 
 
-@router.callback_query(F.data.startswith("pack:"))
 async def on_add_to_pack(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                          user_id: int) -> None:
     sticker = await _owned_sticker(query, ctx, lang, user_id)
@@ -207,3 +202,13 @@ async def add_to_pack(bot: Bot, user_id: int, name: str, item: InputSticker, *, 
             raise
     await bot.add_sticker_to_set(user_id=user_id, name=name, sticker=item)
     return False
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="stickers")
+    router.callback_query.register(on_again, F.data.startswith("again:"))
+    router.callback_query.register(on_other_style, F.data.startswith("other:"))
+    router.callback_query.register(on_redo, F.data.startswith("redo:"))
+    router.callback_query.register(on_add_to_pack, F.data.startswith("pack:"))
+    return router

@@ -17,7 +17,6 @@ from bot.texts import t
 from pipeline.queue.base import JobKind, JobState
 from pipeline.storage.repository import Style
 
-router = Router(name="styles")
 
 
 async def _owned(query: CallbackQuery, ctx: BotContext, lang: str, user_id: int) -> Style | None:
@@ -38,20 +37,17 @@ async def send_styles(bot: Bot, ctx: BotContext, lang: str, user_id: int) -> Non
                            reply_markup=styles_keyboard(styles, user.active_style_id if user else None))
 
 
-@router.message(Command("styles"))
 async def on_styles(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int) -> None:
     del message
     await send_styles(bot, ctx, lang, user_id)
 
 
-@router.callback_query(F.data == "styles")
 async def on_styles_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                            user_id: int) -> None:
     await query.answer()
     await send_styles(bot, ctx, lang, user_id)
 
 
-@router.callback_query(F.data.startswith("style:"))
 async def on_style_card(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int) -> None:
     style = await _owned(query, ctx, lang, user_id)
     if style is None:
@@ -67,7 +63,6 @@ async def on_style_card(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: s
     )
 
 
-@router.callback_query(F.data.startswith("use:"))
 async def on_use(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int) -> None:
     style = await _owned(query, ctx, lang, user_id)
     if style is None:
@@ -81,7 +76,6 @@ async def on_use(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, use
     await bot.send_message(user_id, t(lang, "style_switched", name=style.name))
 
 
-@router.callback_query(F.data.startswith("rename:"))
 async def on_rename(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                     state: FSMContext) -> None:
     style = await _owned(query, ctx, lang, user_id)
@@ -93,7 +87,6 @@ async def on_rename(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, 
     await bot.send_message(user_id, t(lang, "style_rename_ask", name=style.name))
 
 
-@router.message(Styles.rename, F.text, ~F.text.startswith("/"))
 async def on_new_name(message: Message, ctx: BotContext, lang: str, user_id: int,
                       state: FSMContext) -> None:
     name = " ".join((message.text or "").split())
@@ -110,7 +103,6 @@ async def on_new_name(message: Message, ctx: BotContext, lang: str, user_id: int
     await message.answer(t(lang, "style_renamed", name=name))
 
 
-@router.callback_query(F.data.startswith("del:"))
 async def on_delete(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, user_id: int) -> None:
     style = await _owned(query, ctx, lang, user_id)
     if style is None:
@@ -120,7 +112,6 @@ async def on_delete(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, 
                            reply_markup=confirm_delete_style_keyboard(lang, style.id))
 
 
-@router.callback_query(F.data.startswith("delyes:"))
 async def on_delete_confirmed(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                               user_id: int) -> None:
     style = await _owned(query, ctx, lang, user_id)
@@ -161,6 +152,20 @@ async def remove_unreferenced(ctx: BotContext, paths: list[str]) -> None:
                 continue
 
 
-@router.callback_query(F.data == "keep")
 async def on_keep(query: CallbackQuery, lang: str) -> None:
     await query.answer(t(lang, "kept"))
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="styles")
+    router.message.register(on_styles, Command("styles"))
+    router.callback_query.register(on_styles_button, F.data == "styles")
+    router.callback_query.register(on_style_card, F.data.startswith("style:"))
+    router.callback_query.register(on_use, F.data.startswith("use:"))
+    router.callback_query.register(on_rename, F.data.startswith("rename:"))
+    router.message.register(on_new_name, Styles.rename, F.text, ~F.text.startswith("/"))
+    router.callback_query.register(on_delete, F.data.startswith("del:"))
+    router.callback_query.register(on_delete_confirmed, F.data.startswith("delyes:"))
+    router.callback_query.register(on_keep, F.data == "keep")
+    return router

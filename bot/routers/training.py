@@ -20,7 +20,6 @@ from bot.texts import t
 from pipeline.errors import QueueUnavailableError, QuotaExceededError
 from pipeline.queue.base import JobKind
 
-router = Router(name="training")
 
 _NOUN = re.compile(r"^[^\W\d_]{2,20}(?: [^\W\d_]{2,20})?$")
 
@@ -75,7 +74,6 @@ async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, sta
             await message.edit_text(text)
 
 
-@router.message(Command("train"))
 async def on_train(message: Message, command: CommandObject, bot: Bot, ctx: BotContext, lang: str,
                    user_id: int, state: FSMContext) -> None:
     noun = None
@@ -87,14 +85,12 @@ async def on_train(message: Message, command: CommandObject, bot: Bot, ctx: BotC
     await start_training(bot, ctx, lang, user_id, state, noun)
 
 
-@router.callback_query(F.data == "train")
 async def on_train_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                           user_id: int, state: FSMContext) -> None:
     await query.answer()
     await start_training(bot, ctx, lang, user_id, state, None)
 
 
-@router.callback_query(F.data.startswith("noun:"))
 async def on_noun_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                          user_id: int, state: FSMContext) -> None:
     noun = (query.data or "").partition(":")[2]
@@ -105,7 +101,6 @@ async def on_noun_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: 
     await start_training(bot, ctx, lang, user_id, state, noun)
 
 
-@router.message(Train.noun, F.text, ~F.text.startswith("/"))
 async def on_noun_text(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                        state: FSMContext) -> None:
     noun = clean_noun(message.text or "")
@@ -113,3 +108,13 @@ async def on_noun_text(message: Message, bot: Bot, ctx: BotContext, lang: str, u
         await message.answer(t(lang, "train_bad_noun"))
         return
     await start_training(bot, ctx, lang, user_id, state, noun)
+
+
+def create_router() -> Router:
+    """A fresh router (aiogram attaches a router to one dispatcher only)."""
+    router = Router(name="training")
+    router.message.register(on_train, Command("train"))
+    router.callback_query.register(on_train_button, F.data == "train")
+    router.callback_query.register(on_noun_button, F.data.startswith("noun:"))
+    router.message.register(on_noun_text, Train.noun, F.text, ~F.text.startswith("/"))
+    return router
