@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -149,6 +150,8 @@ class StickerGenerator:
         self._full: OrderedDict[str, tuple[tuple[Any, ...], Any]] = OrderedDict()  # id -> (fp, pipe)
         self._lcm_loaded = False
         self._names = itertools.count()
+        # Adapter names unique to this generator: another one on the same modules cannot clash.
+        self._prefix = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
         self.loads = 0  # adapters loaded from disk so far (cache misses), for metrics and tests
 
@@ -190,7 +193,7 @@ class StickerGenerator:
                 evicted_id, evicted = self._adapters.popitem(last=False)
                 self._delete(evicted.name)
                 log.debug("evicted adapter of style %s", evicted_id)
-            name = f"style_{next(self._names)}"
+            name = f"style_{self._prefix}_{next(self._names)}"
             if style.info.base_model != self.diffusion.source:
                 log.info("style %s was trained on %s, serving on %s", style.id,
                          style.info.base_model, self.diffusion.source)
