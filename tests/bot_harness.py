@@ -65,11 +65,16 @@ def bot_env(env: dict[str, str], fake: FakeBotAPI, token: str) -> dict[str, str]
     return out
 
 
-def start_process(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``stickerbot <command>`` as a subprocess (logs to ``log``)."""
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python <args>`` in the repository root as a subprocess, output appended to ``log``."""
     root = Path(__file__).resolve().parents[1]
     env = dict(env)
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    fh = open(log, "ab")  # noqa: SIM115 - the child keeps writing to it
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", command], env=env, cwd=root,
-                            stdout=fh, stderr=subprocess.STDOUT)
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=root, stdout=fh,
+                                stderr=subprocess.STDOUT)
+
+
+def start_process(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``stickerbot <command>`` as a subprocess (logs to ``log``)."""
+    return spawn(["-m", "pipeline.cli", command], env, log)

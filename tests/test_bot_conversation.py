@@ -12,12 +12,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from bot.app import BotApp
 from bot_harness import bot_settings, picture, running_bot
 from conftest import TEST_TOKEN
 from fake_bot_api import FakeBotAPI, FakeUser, user
+from PIL import Image
+
+from bot.app import BotApp
 from pipeline.queue.base import JobKind, JobState
 from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.settings import Settings, load_settings

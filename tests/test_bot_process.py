@@ -1,0 +1,61 @@
+"""The bot as a process: no model library imported, `stickerbot bot` against the fake Bot API,
+`stickerbot run` without a token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bot_harness import bot_env, spawn
+from conftest import TEST_TOKEN
+from fake_bot_api import FakeBotAPI, user
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STICKERBOT_") and k not in ("BOT_TOKEN", "TELEGRAM_API_BASE")}
+    env.update(STICKERBOT_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
+    return env
+
+
+def test_run_without_token_says_how_to_get_one(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny"],
+                         capture_output=True, text=True, cwd=ROOT, env=clean_env(tmp_path), timeout=60)
+    assert out.returncode == 2
+    assert "BOT_TOKEN is not set" in out.stderr and "@BotFather" in out.stderr
+    # the database was migrated before the token was checked
+    assert (tmp_path / "data" / "stickerbot.sqlite3").exists()
+
+
+async def test_bot_command_serves_stops_and_imports_no_model_library(tmp_path: Path) -> None:
+    """`stickerbot bot` answers, stops on SIGTERM, never logs the token, and had no model library
+    in sys.modules at exit (after handling updates, not just after importing)."""
+    report = tmp_path / "modules.txt"
+    code = (
+        "import atexit, sys\n"
+        "from pipeline.cli import main\n"
+        f"atexit.register(lambda: open({str(report)!r}, 'w').write("
+        f"','.join(m for m in {MODEL_LIBRARIES!r} if m in sys.modules)))\n"
+        "sys.exit(main(['bot']))\n"
+    )
+    fake = FakeBotAPI(TEST_TOKEN)
+    await fake.start()
+    env = bot_env(clean_env(tmp_path), fake, TEST_TOKEN)
+    proc = spawn(["-c", code], env, tmp_path / "bot.log")
+    try:
+        fake.send_text(user(5), "/start")
+        await fake.wait_text(5, "I learn the style", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert TEST_TOKEN not in (tmp_path / "bot.log").read_text()
+        assert report.read_text() == "", f"the bot imported {report.read_text()}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await fake.close()
