@@ -1,0 +1,240 @@
+"""What a job does: the one place that maps a job's payload to the stage calls and back to a result.
+
+``run_job(job, resident, should_stop=..., progress=..., low_memory=...)`` runs in the worker's GPU
+thread with the models the worker loaded once. Payload and result shapes (shared with the bot and
+the Celery backend):
+
+- ``train``: ``{"style_id", "images": [relative paths], "class_noun", "steps", "seed"}`` ->
+  ``{"style_dir": "styles/<style_id>", "identifier", "class_noun", "steps", "seconds", ...}``;
+  checkpoints in ``checkpoints/<job_id>/`` (a later run of the same job resumes from them), the
+  style written atomically to ``styles/<style_id>/``.
+- ``sticker``: ``{"style_id", "style_dir", "photo", "seed", "variants"}`` ->
+  ``{"stickers": [{"path": "results/<job_id>/<n>.webp", "emoji", "seed"}], "caption", "prompt",
+  "timings"}``.
+- ``noop``: ``{"sleep": seconds}`` -> ``{}`` (queue tests and benchmarks).
+
+``should_stop()`` returns ``"yield"`` (checkpoint and raise TrainingPreempted: a sticker is
+waiting, or the worker is stopping), ``"cancel"`` (raise CancelledError, leave nothing behind) or
+None. Training and noop jobs ask it at every step; a sticker runs to its end (seconds).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline.errors import CancelledError, InputError, TrainingPreempted
+from pipeline.queue.base import Job, JobKind
+from pipeline.storage.files import DataDir, write_atomic
+
+if TYPE_CHECKING:
+    from pipeline.models import Models
+    from pipeline.settings import Settings
+    from pipeline.sticker_pipeline import StickerModels
+    from pipeline.training import TrainingConfig
+
+StopRequest = Literal["cancel", "yield"] | None
+ShouldStop = Callable[[], StopRequest]
+Progress = Callable[[float, str], None]  # fraction 0..1, message
+
+CHECKPOINTS = "checkpoints"
+STYLES = "styles"
+RESULTS = "results"
+CLASS_IMAGES = "class-images"
+
+
+@dataclass
+class Resident:
+    """What a worker loads once and every job uses: settings, the data dir, the models and the
+    sticker generator (its adapter LRU cache lives as long as the worker)."""
+
+    settings: Settings
+    data: DataDir
+    models: Models
+    stickers: StickerModels
+
+    @classmethod
+    def load(cls, settings: Settings) -> Resident:
+        from pipeline.models import load_models
+        from pipeline.sticker_pipeline import StickerModels
+
+        models = load_models(settings)
+        return cls(settings=settings, data=DataDir(settings.data_dir), models=models,
+                   stickers=StickerModels.create(models, cache_size=settings.adapter_cache_size,
+                                                 lcm_lora=settings.lcm_lora))
+
+
+def checkpoint_dir(data: DataDir, job_id: str) -> Path:
+    return data.path_for(CHECKPOINTS, job_id)
+
+
+def _text(payload: dict[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str) or not value:
+        raise InputError(f"the job's payload has no valid {key!r}")
+    return value
+
+
+def _relative(payload: dict[str, Any], key: str, value: Any = None) -> str:
+    """A stored relative path from the payload; paths that would leave the data dir are refused
+    by DataDir.resolve."""
+    value = payload.get(key) if value is None else value
+    if not isinstance(value, str) or not value or PurePosixPath(value).is_absolute():
+        raise InputError(f"the job's payload has no valid relative path in {key!r}")
+    return value
+
+
+def training_config(payload: dict[str, Any], settings: Settings, *,
+                    low_memory: bool = False) -> TrainingConfig:
+    """The trainer's configuration for a train job: the payload's choices on the preset's defaults.
+
+    Checkpoints come often enough that a crash or a preemption loses seconds, not minutes. The
+    tiny preset (tests, CPU) keeps class-prior generation small.
+    """
+    from pipeline.training import TrainingConfig
+
+    steps = payload.get("steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise InputError(f"training steps must be a positive integer, not {steps!r}")
+    options: dict[str, Any] = {
+        "steps": steps,
+        "seed": int(payload.get("seed") or 0),
+        "class_noun": str(payload.get("class_noun") or "character"),
+        "checkpoint_every": 25,
+    }
+    if settings.preset == "tiny":
+        options.update(num_class_images=4, class_image_steps=2, checkpoint_every=5)
+    config = TrainingConfig(**options)
+    return config.low_memory() if low_memory else config
+
+
+def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
+              low_memory: bool = False) -> dict[str, Any]:
+    from pipeline.sticker_set import prepare_sticker_set
+    from pipeline.training import TrainingProgress, train_style
+
+    settings, data, payload = resident.settings, resident.data, job.payload
+    # 1. check the payload and read the set
+    style_id = _text(payload, "style_id")
+    images = payload.get("images")
+    if not isinstance(images, list) or not images:
+        raise InputError("the training job names no images")
+    files = [data.resolve(_relative(payload, "images", rel)) for rel in images]
+    out_dir = data.path_for(STYLES, style_id)
+    work_dir = checkpoint_dir(data, job.id)
+    prepared = prepare_sticker_set(files, resolution=resident.models.diffusion.resolution,
+                                   max_pixels=settings.max_image_pixels,
+                                   max_images=settings.max_images_per_set)
+    config = training_config(payload, settings, low_memory=low_memory)
+
+    # 2. the trainer adds its own adapter to the resident UNet: serving adapters must go first
+    resident.stickers.generator.unload_all()
+
+    def on_progress(p: TrainingProgress) -> None:
+        progress(p.step / max(p.total, 1), f"step {p.step}/{p.total}, loss {p.loss:.4f}")
+
+    # 3. train (resumes from work_dir when an earlier slice of this job checkpointed there)
+    try:
+        result = train_style(resident.models.diffusion, prepared, config, out_dir=out_dir, work_dir=work_dir,
+                             class_cache_dir=data.root / CLASS_IMAGES, progress=on_progress,
+                             should_stop=should_stop)
+    except TrainingPreempted:
+        raise
+    except BaseException:
+        # Failed or cancelled for good: no partial style, no checkpoint left behind. (A retry
+        # after out-of-memory runs another configuration, which cannot resume this one anyway.)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    info = result.info
+    return {
+        "style_dir": f"{STYLES}/{style_id}", "identifier": info.identifier, "class_noun": info.class_noun,
+        "steps": result.steps, "seconds": round(result.seconds, 3), "loss": result.loss,
+        "resumed_from": result.resumed_from, "images": len(prepared),
+        "skipped": [list(s) for s in prepared.skipped], "low_memory": low_memory,
+    }
+
+
+def run_sticker(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
+                low_memory: bool = False) -> dict[str, Any]:
+    from pipeline.generation import StyleRef
+    from pipeline.sticker_pipeline import StickerOptions, make_sticker
+
+    data, payload = resident.data, job.payload
+    # 1. check the payload, the style and the photo
+    style_id = _text(payload, "style_id")
+    style_dir = data.resolve(_relative(payload, "style_dir"))
+    photo_path = data.resolve(_relative(payload, "photo"))
+    variants = payload.get("variants") or 1
+    seed = payload.get("seed") or 0
+    if not isinstance(variants, int) or not isinstance(seed, int):
+        raise InputError("sticker variants and seed must be integers")
+    options = StickerOptions(seed=seed, variants=variants, fast=bool(payload.get("fast", False)))
+    ref = StyleRef.open(style_dir, style_id=style_id)
+    try:
+        photo = photo_path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"the photo of this job is gone ({exc.__class__.__name__})") from exc
+    progress(0.1, "drawing")
+    # 2. generate
+    result = make_sticker(resident.stickers, ref, photo, options, photo_name=photo_path.name,
+                          max_pixels=resident.settings.max_image_pixels)
+    # 3. store the stickers under results/<job_id>/
+    stickers = []
+    for n, (webp, sticker_seed) in enumerate(zip(result.webp, result.seeds, strict=True)):
+        path = data.path_for(RESULTS, job.id, f"{n}.webp")
+        write_atomic(path, webp)
+        stickers.append({"path": data.relative(path), "emoji": result.emoji, "seed": sticker_seed})
+    return {"stickers": stickers, "caption": result.caption, "prompt": result.prompt,
+            "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+
+
+def run_noop(job: Job, resident: Resident | None, *, should_stop: ShouldStop, progress: Progress,
+             low_memory: bool = False) -> dict[str, Any]:
+    """Sleep ``payload["sleep"]`` seconds in steps of 50 ms, honouring stop requests like a trainer."""
+    total = float(job.payload.get("sleep") or 0.0)
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < total:
+        request = should_stop()
+        if request == "cancel":
+            raise CancelledError("the job was cancelled")
+        if request == "yield":
+            raise TrainingPreempted(int(elapsed * 1000), int(total * 1000))
+        progress(elapsed / total, "sleeping")
+        time.sleep(min(0.05, total - elapsed))
+    return {}
+
+
+HANDLERS: dict[JobKind, Callable[..., dict[str, Any]]] = {
+    JobKind.TRAIN: run_train,
+    JobKind.STICKER: run_sticker,
+    JobKind.NOOP: run_noop,
+}
+
+
+def run_job(job: Job, resident: Resident | None, *, should_stop: ShouldStop, progress: Progress,
+            low_memory: bool = False) -> dict[str, Any]:
+    """Run ``job`` and return its result (see the module docstring for the shapes)."""
+    handler = HANDLERS.get(job.kind)
+    if handler is None:
+        raise InputError(f"unknown job kind {job.kind!r}")
+    if job.kind != JobKind.NOOP and resident is None:
+        raise InputError(f"a {job.kind.value} job needs the models; this worker runs no-op jobs only")
+    return handler(job, resident, should_stop=should_stop, progress=progress, low_memory=low_memory)
+
+
+def discard_checkpoints(data: DataDir, keep: set[str]) -> list[str]:
+    """Remove ``checkpoints/<job_id>/`` of jobs not in ``keep`` (finished or gone); returns them."""
+    root = data.root / CHECKPOINTS
+    removed = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_dir() and entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+    return removed
+

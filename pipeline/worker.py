@@ -1,0 +1,335 @@
+"""The GPU worker: one process per accelerator, one job at a time, models loaded once.
+
+The event loop claims jobs, renews leases, writes progress and watches for waiting stickers; the
+job itself (PyTorch) runs in a thread. The thread learns what the loop saw through
+``should_stop()``, asked by the trainer at every step:
+
+- a sticker is waiting (``queue.has_waiting([STICKER])``) -> ``"yield"``: the trainer checkpoints
+  to ``checkpoints/<job_id>/`` and stops, the job is released (no attempt counted), the sticker
+  (higher priority) is claimed next, then the training job again, which resumes;
+- the owner cancelled (heartbeat answered False) -> ``"cancel"``: no style, no checkpoint left;
+- SIGTERM / SIGINT -> ``"yield"``: checkpoint, release, exit 0 (a sticker in progress finishes);
+- the lease was lost (this worker stalled past it) -> ``"yield"``; another worker owns the job.
+
+CUDA out-of-memory: memory is freed and the job retried once on the low-memory profile, then
+failed with a clear reason; the worker goes on with the next job. A fault-injection hook
+(``fault_inject="oom:train:2"``: the next 2 train runs raise CUDA out-of-memory before their
+work starts) tests that path on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import CancelledError, JobError, StickerbotError, TrainingPreempted
+from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
+from pipeline.queue.base import Job, JobKind, JobQueue, JobState
+from pipeline.storage.files import DataDir
+
+if TYPE_CHECKING:
+    from pipeline.jobs import Resident, StopRequest
+    from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Kinds that stop at a step boundary when a sticker waits or the worker stops.
+PREEMPTIBLE = (JobKind.TRAIN, JobKind.NOOP)
+
+
+def parse_faults(spec: str | None) -> dict[JobKind, int]:
+    """``"oom:train:2,oom:sticker:1"`` -> ``{TRAIN: 2, STICKER: 1}``: how many runs of each kind
+    raise CUDA out-of-memory. Only the ``oom`` fault exists."""
+    faults: dict[JobKind, int] = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        fields = part.split(":")
+        if len(fields) != 3 or fields[0] != "oom" or not fields[2].isdigit():
+            raise ValueError(f"bad fault {part!r}: expected oom:<kind>:<count>, e.g. oom:train:2")
+        faults[JobKind(fields[1])] = faults.get(JobKind(fields[1]), 0) + int(fields[2])
+    return faults
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # a no-op-only worker may run without torch
+        return False
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def free_accelerator_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(ImportError):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Outcome:
+    """How one claimed run ended (for logs and tests)."""
+
+    job_id: str
+    state: str  # succeeded | failed | cancelled | released | lost
+    detail: str = ""
+
+
+class Worker:
+    """Runs jobs from ``queue`` with ``resident`` models (None: no-op jobs only)."""
+
+    def __init__(self, queue: JobQueue, resident: Resident | None, *, data: DataDir,
+                 worker_id: str | None = None, kinds: Sequence[JobKind] | None = None,
+                 lease_seconds: float = 30.0, preempt_poll: float = 0.1, progress_every: float = 0.5,
+                 fault_inject: str | None = None) -> None:
+        self.queue = queue
+        self.resident = resident
+        self.data = data
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        if kinds is None:
+            kinds = list(JobKind) if resident is not None else [JobKind.NOOP]
+        self.kinds = list(kinds)
+        self.heartbeat_every = max(lease_seconds / 3.0, 0.2)
+        self.preempt_poll = preempt_poll
+        self.progress_every = progress_every
+        self.faults = parse_faults(fault_inject)
+        self._faults_lock = threading.Lock()
+        self._stopping = asyncio.Event()
+        self._request: StopRequest = None  # read by the job thread through should_stop()
+        self._progress: tuple[float, str] | None = None  # written by the job thread
+        self._low_memory: set[str] = set()  # jobs that ran out of memory: low-memory from now on
+        self.outcomes: list[Outcome] = []
+
+    # --- control ----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Graceful stop: the current job checkpoints (or finishes, for a sticker), then exit."""
+        log.info("worker %s: stopping after the current step", self.worker_id)
+        self._stopping.set()
+        if self._request is None:
+            self._request = "yield"
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _should_stop(self) -> StopRequest:
+        return self._request
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        self._progress = (fraction, message)
+
+    def _inject_fault(self, kind: JobKind) -> None:
+        with self._faults_lock:
+            if self.faults.get(kind, 0) <= 0:
+                return
+            self.faults[kind] -= 1
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault for a {kind.value} job)")
+
+    # --- the loop ---------------------------------------------------------------------
+    async def run(self, *, max_jobs: int | None = None) -> list[Outcome]:
+        """Claim and run jobs until stopped (or ``max_jobs`` runs ended)."""
+        await self.discard_stale_checkpoints()
+        runs = 0
+        idle_wait = min(1.0, self.heartbeat_every)
+        while not self.stopping and (max_jobs is None or runs < max_jobs):
+            job = await self.queue.claim(self.worker_id, kinds=self.kinds)
+            if job is None:
+                await self._wait_for_work(idle_wait)
+                continue
+            self.outcomes.append(await self.run_claimed(job))
+            runs += 1
+        return self.outcomes
+
+    async def _wait_for_work(self, seconds: float) -> None:
+        wait = getattr(self.queue, "wait_for_change", None)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        change = asyncio.ensure_future(wait(seconds) if wait is not None else asyncio.sleep(seconds))
+        try:
+            await asyncio.wait({stop, change}, timeout=seconds + 1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop, change):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    async def discard_stale_checkpoints(self) -> None:
+        """Remove checkpoints of jobs that are finished or gone (cancelled while released, ...)."""
+        root = self.data.root / "checkpoints"
+        if not root.is_dir():
+            return
+        keep = set()
+        for entry in root.iterdir():
+            job = await self.queue.get(entry.name)
+            if job is not None and not job.state.finished:
+                keep.add(entry.name)
+        for job_id in discard_checkpoints(self.data, keep):
+            log.info("removed the checkpoint of finished job %s", job_id)
+
+    # --- one job ----------------------------------------------------------------------
+    async def run_claimed(self, job: Job) -> Outcome:
+        log.info("job %s (%s, user %s): attempt %d of %d", job.id, job.kind.value, job.user_id,
+                 job.attempts, job.max_attempts)
+        self._request = "yield" if self.stopping and job.kind in PREEMPTIBLE else None
+        self._progress = None
+        lost = False
+        low_memory = job.id in self._low_memory
+        while True:
+            work = asyncio.ensure_future(asyncio.to_thread(self._execute, job, low_memory))
+            lost = await self._supervise(job, work) or lost
+            try:
+                result = work.result()
+            except Exception as exc:  # every way a job can end is handled below
+                if is_out_of_memory(exc) and not low_memory and not lost:
+                    log.warning("job %s ran out of accelerator memory; retrying on the low-memory "
+                                "profile", job.id)
+                    free_accelerator_memory()
+                    low_memory = True
+                    self._low_memory.add(job.id)
+                    continue
+                return await self._ended_with(job, exc, low_memory=low_memory, lost=lost)
+            return await self._succeeded(job, result, lost=lost)
+
+    def _execute(self, job: Job, low_memory: bool) -> dict[str, Any]:
+        """In the job thread: the fault hook, then the job's handler."""
+        self._inject_fault(job.kind)
+        return run_job(job, self.resident, should_stop=self._should_stop, progress=self._on_progress,
+                       low_memory=low_memory)
+
+    async def _supervise(self, job: Job, work: asyncio.Future[Any]) -> bool:
+        """While the job thread works: heartbeats, progress, stop requests. True if the lease was lost."""
+        lost = False
+        next_beat = time.monotonic() + self.heartbeat_every
+        next_progress = time.monotonic()
+        written: tuple[float, str] | None = None
+        while not work.done():
+            await asyncio.wait({work}, timeout=self.preempt_poll)
+            if work.done():
+                break
+            now = time.monotonic()
+            try:
+                if self._progress is not None and self._progress != written and now >= next_progress:
+                    written = self._progress
+                    await self.queue.report_progress(job.id, self.worker_id, *written)
+                    next_progress = now + self.progress_every
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_every
+                    if not await self.queue.heartbeat(job.id, self.worker_id):
+                        current = await self.queue.get(job.id)
+                        if (current is not None and current.cancel_requested
+                                and current.state == JobState.RUNNING):
+                            log.info("job %s: cancelled by its owner; stopping at the next step", job.id)
+                            self._request = "cancel"
+                        elif self._request != "cancel":
+                            log.warning("job %s: lease lost; another worker may own it now", job.id)
+                            lost = True
+                            self._request = "yield"
+                if (self._request is None and job.kind == JobKind.TRAIN
+                        and await self.queue.has_waiting([JobKind.STICKER])):
+                    log.info("job %s: a sticker is waiting; training yields at the next step", job.id)
+                    self._request = "yield"
+                if self.stopping and self._request is None and job.kind in PREEMPTIBLE:
+                    self._request = "yield"
+            except (OSError, StickerbotError) as exc:
+                # The database is briefly unreachable: keep working, the lease has slack.
+                log.warning("job %s: queue call failed (%s); retrying", job.id, exc)
+        return lost
+
+    async def _succeeded(self, job: Job, result: dict[str, Any], *, lost: bool) -> Outcome:
+        if self._request == "cancel" and job.kind == JobKind.STICKER:
+            # Stickers run to their end; a cancel that arrived meanwhile still wins.
+            import shutil
+
+            shutil.rmtree(self.data.root / "results" / job.id, ignore_errors=True)
+            return await self._finish(job, "cancelled by its owner", "cancelled")
+        try:
+            done = await self.queue.complete(job.id, self.worker_id, result)
+        except JobError as exc:
+            log.warning("job %s: finished but no longer ours (%s); result dropped", job.id, exc)
+            return Outcome(job.id, "lost", str(exc))
+        self._low_memory.discard(job.id)
+        log.info("job %s: succeeded", job.id)
+        return Outcome(job.id, done.state.value)
+
+    async def _ended_with(self, job: Job, exc: Exception, *, low_memory: bool, lost: bool) -> Outcome:
+        if isinstance(exc, TrainingPreempted):
+            if lost:
+                return Outcome(job.id, "lost", "lease lost; checkpoint kept")
+            why = "paused: the worker is restarting" if self.stopping else "paused for a sticker"
+            await self.queue.release(job.id, self.worker_id, message=why)
+            log.info("job %s: released at %s (%s)", job.id, f"{exc.step}/{exc.total}", why)
+            return Outcome(job.id, "released", why)
+        self._low_memory.discard(job.id)
+        if isinstance(exc, CancelledError):
+            import shutil
+
+            shutil.rmtree(checkpoint_dir(self.data, job.id), ignore_errors=True)
+            return await self._finish(job, "cancelled by its owner", "cancelled")
+        if is_out_of_memory(exc):
+            free_accelerator_memory()
+            reason = ("out of accelerator memory, also on the low-memory profile (gradient "
+                      "checkpointing, batch 1); the GPU is too small for this job" if low_memory
+                      else "out of accelerator memory")
+            return await self._finish(job, reason, "failed")
+        if isinstance(exc, StickerbotError):
+            # A bad photo, a damaged style, an unusable set: retrying cannot help.
+            return await self._finish(job, str(exc), "failed")
+        log.exception("job %s: unexpected error", job.id, exc_info=exc)
+        return await self._finish(job, f"internal error ({exc.__class__.__name__}: {exc})"[:500], "failed",
+                                  retry=True)
+
+    async def _finish(self, job: Job, reason: str, state: str, *, retry: bool = False) -> Outcome:
+        try:
+            done = await self.queue.fail(job.id, self.worker_id, reason, retry=retry)
+        except JobError as exc:
+            return Outcome(job.id, "lost", str(exc))
+        log.info("job %s: %s (%s)", job.id, done.state.value, done.error)
+        return Outcome(job.id, done.state.value, done.error or "")
+
+
+async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = None,
+                     worker_id: str | None = None, fault_inject: str | None = None,
+                     install_signals: bool = True) -> int:
+    """``stickerbot worker``: open the queue, load the models once, run until SIGTERM/SIGINT."""
+    from pipeline.queue import open_queue
+
+    kinds = list(kinds) if kinds else list(JobKind)
+    resident: Resident | None = None
+    if any(k != JobKind.NOOP for k in kinds):
+        from pipeline.jobs import Resident
+
+        started = time.perf_counter()
+        resident = await asyncio.to_thread(Resident.load, settings)
+        log.info("models loaded in %.1f s (%s on %s)", time.perf_counter() - started, settings.preset,
+                 resident.models.device)
+    queue = await open_queue(settings)
+    worker = Worker(queue, resident, data=DataDir(settings.data_dir), worker_id=worker_id, kinds=kinds,
+                    lease_seconds=settings.lease_seconds, fault_inject=fault_inject)
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+    log.info("worker %s ready: %s jobs from %s", worker.worker_id, ",".join(k.value for k in kinds),
+             settings.queue_backend)
+    try:
+        await worker.run()
+    finally:
+        await queue.close()
+    log.info("worker %s stopped", worker.worker_id)
+    return 0
