@@ -178,7 +178,7 @@ def build_txt2img(diffusion: Any, *, unet: Any = None) -> Any:
     the base UNet (full fine-tuning styles)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=diffusion.vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer,
         unet=unet if unet is not None else diffusion.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(diffusion.scheduler_config),
@@ -303,7 +303,8 @@ def contact_sheet(references: Sequence[Image.Image], groups: Sequence[Sequence[I
     chars = max(8, label_width // 6 - 1)
     for r, (label, images) in enumerate(rows):
         y = pad + r * (cell + pad)
-        for i, line in enumerate(_wrap(label, chars)[: max(1, cell // 12)]):
+        lines = [w for part in label.split("\n") for w in _wrap(part, chars)]
+        for i, line in enumerate(lines[: max(1, cell // 12)]):
             draw.text((pad, y + i * 12), line, fill=(0, 0, 0))
         for c, im in enumerate(images):
             thumb = im.convert("RGBA")
@@ -373,7 +374,9 @@ def evaluate_style(
             for k, im in enumerate(group):
                 im.save(out / "images" / f"p{p:02d}_{k}.png")
     sheet_path = out / "contact_sheet.png"
-    contact_sheet(references.images, groups, prompts, cell=config.thumbnail).save(sheet_path)
+    labels = [f"{row['prompt']}\nCLIP-I {row['clip_i']:.3f} DINO {row['dino']:.3f} "
+              f"CLIP-T {row['clip_t']:.3f}" for row in per_prompt]
+    contact_sheet(references.images, groups, labels, cell=config.thumbnail).save(sheet_path)
     seconds = time.perf_counter() - start
     json_path = out / "metrics.json"
     report = {

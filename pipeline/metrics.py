@@ -213,8 +213,8 @@ def load_lpips(*, device: torch.device | str = "cpu") -> Lpips:
     piece is missing. Never downloads: the ``lpips`` wheel ships only its small linear heads,
     the backbone comes from torchvision's download."""
     try:
-        import lpips  # type: ignore[import-not-found]  # optional dependency
-        import torchvision  # type: ignore[import-not-found]  # noqa: F401  # needed by lpips
+        import lpips  # optional: not a declared dependency
+        import torchvision  # noqa: F401  # lpips builds its backbone with it
     except ImportError as exc:
         return Lpips(None, "LPIPS unavailable: the 'lpips' and 'torchvision' packages are not "
                            f"installed ({exc.name} missing); diversity is not measured")

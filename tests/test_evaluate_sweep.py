@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,15 @@ def _unet_probe(diffusion) -> torch.Tensor:
     with torch.no_grad():
         return diffusion.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two
+    spinning OpenMP threads run several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # --- evaluate -----------------------------------------------------------------------------------
 
