@@ -1,0 +1,370 @@
+"""The Celery application of the scale-out backend: configuration, routing, the one task, and the
+worker's start-up (models loaded once per worker process).
+
+Run one worker per GPU, with the solo pool (one job at a time on its GPU)::
+
+    celery -A pipeline.celery_app worker --pool solo --concurrency 1 --queues sticker,train
+
+``--queues sticker,train`` serves both queues, stickers first (the queues are read in the order
+given); ``--queues sticker`` or ``--queues train`` dedicates a worker. The worker reads the same
+settings as every stickerbot process (environment / ``.env``) and needs the shared data dir.
+
+Delivery: ``task_acks_late`` with ``worker_prefetch_multiplier=1`` acknowledges a message only
+after its job finished, so a worker that dies (SIGKILL, power loss, OOM killer) leaves the message
+unacknowledged and Redis hands it to another worker once the visibility timeout has passed; the
+training handler then resumes from ``checkpoints/<job_id>/`` on the shared data dir. The
+visibility timeout must be longer than the longest training run, or a job still running would be
+handed out a second time (a per-job lock in Redis keeps the copy waiting, it never runs twice at
+once).
+
+The bot imports this module to send tasks: model libraries are imported only inside the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from celery.exceptions import Retry
+from pydantic import Field, ValidationError
+
+from pipeline.errors import CancelledError, ConfigError, TrainingPreempted
+from pipeline.queue.base import Job, JobKind, JobState
+from pipeline.queue.celery import (
+    EVENTS_MAXLEN,
+    EVENTS_STREAM,
+    KEY_TTL_SECONDS,
+    QUEUE_FOR_KIND,
+    QUEUES,
+    TASK_NAME,
+    job_key,
+)
+from pipeline.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
+
+# Longer than the longest training run (1000 SD 1.5 LoRA steps take about 11 min on an A100; a
+# slow GPU with full fine-tuning can take an hour or two).
+DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600.0
+
+
+class CelerySettings(Settings):
+    """The settings of a Celery deployment: every stickerbot setting plus the broker's own."""
+
+    # Seconds before an unacknowledged job is handed to another worker (its worker died).
+    celery_visibility_timeout: float = Field(default=DEFAULT_VISIBILITY_TIMEOUT, gt=0)
+
+
+def load_celery_settings(**overrides: Any) -> CelerySettings:
+    try:
+        return CelerySettings(**overrides)
+    except ValidationError as exc:
+        problems = [f"{env_name(str((e.get('loc') or ('?',))[0]))}: {e.get('msg', 'invalid value')}"
+                    for e in exc.errors(include_input=False, include_url=False)]
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings`` (broker and result backend: ``settings.redis_url``)."""
+    visibility = float(getattr(settings, "celery_visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    app = Celery("stickerbot", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        # Results go through the event stream into the bot's database, not the result backend.
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",
+        worker_hijack_root_logger=False,
+        task_default_queue="sticker",
+        task_routes={TASK_NAME: {"queue": "sticker"}},
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3.0,
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # How often a worker looks for messages of dead workers older than the timeout.
+            "unacked_restore_interval": max(1, min(60, int(visibility / 4))),
+            "unacked_restore_throttle": 1,
+            # Read the queues in the order the worker lists them (sticker before train) instead of
+            # round robin: a waiting sticker is always taken before a training job.
+            "queue_order_strategy": "priority",
+            "socket_connect_timeout": 3.0,
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.stickerbot_settings = settings  # type: ignore[attr-defined]  # read by the worker hooks
+    app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)(_run_job_task)
+    _connect_worker_signals(app)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``celery -A pipeline.celery_app`` asks for ``app``: built then from the settings of the
+    environment, once (not at import time: the bot imports this module with its own settings)."""
+    if name == "app":
+        app = create_app(load_celery_settings())
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)
+
+
+# --- the worker process -------------------------------------------------------------------
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process keeps between jobs: settings, Redis, models (loaded once)."""
+
+    settings: Settings
+    worker_id: str
+    redis: redis.Redis
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _models: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def models(self) -> Any:
+        """The models, loaded on first use and then kept (worker init calls this at start)."""
+        with self._lock:
+            if self._models is None:
+                from pipeline.models import load_models
+
+                started = time.monotonic()
+                self._models = load_models(self.settings)
+                log.info("models loaded in %.1f s", time.monotonic() - started)
+            return self._models
+
+    def emit(self, event_type: str, job_id: str, **fields: Any) -> None:
+        """One event for the bot's reader (see pipeline.queue.celery)."""
+        entry = {"type": event_type, "job_id": job_id, "worker": self.worker_id, "ts": f"{time.time():.6f}"}
+        entry.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        self.redis.xadd(EVENTS_STREAM, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+def _runtime(app: Celery) -> WorkerRuntime:
+    runtime = getattr(app, "stickerbot_runtime", None)
+    if runtime is None:
+        settings: Settings = app.stickerbot_settings  # type: ignore[attr-defined]
+        runtime = WorkerRuntime(
+            settings=settings,
+            worker_id=f"{socket.gethostname()}/{os.getpid()}",
+            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3.0, socket_timeout=30.0),
+        )
+        app.stickerbot_runtime = runtime  # type: ignore[attr-defined]
+    return runtime
+
+
+def _start_worker(app: Celery) -> None:
+    from pipeline.monitoring import configure_logging, start_metrics_server
+
+    settings: Settings = app.stickerbot_settings  # type: ignore[attr-defined]
+    configure_logging(settings.log_level)
+    runtime = _runtime(app)
+    if settings.metrics_port:
+        try:
+            start_metrics_server(settings.metrics_port)
+        except OSError as exc:  # a second worker on the same host and port: no metrics, still work
+            log.warning("metrics port %s: %s", settings.metrics_port, exc)
+    runtime.models()
+
+
+def _connect_worker_signals(app: Celery) -> None:
+    """Worker start-up and shutdown hooks of ``app`` (signals are process-wide; the handlers
+    check the app, so a bot that only sends tasks is never affected)."""
+
+    def on_process_init(**_: Any) -> None:
+        # Sent once in the solo pool's own process, and once per child of a prefork pool (not
+        # recommended on a GPU): each such process loads its models once, before consuming.
+        _start_worker(app)
+
+    def on_shutting_down(**_: Any) -> None:
+        # Warm shutdown (SIGTERM): a training job checkpoints at its next step and goes back to
+        # the queue instead of holding its message until the visibility timeout.
+        runtime = getattr(app, "stickerbot_runtime", None)
+        if runtime is not None:
+            runtime.stopping.set()
+
+    signals.worker_process_init.connect(on_process_init, weak=False,
+                                        dispatch_uid=f"stickerbot.init.{id(app)}")
+    signals.worker_shutting_down.connect(on_shutting_down, weak=False,
+                                         dispatch_uid=f"stickerbot.shutdown.{id(app)}")
+
+
+# --- the task -----------------------------------------------------------------------------
+
+
+def job_from_message(message: dict[str, Any], *, attempt: int) -> Job:
+    """The :class:`Job` a handler receives, rebuilt from the task message."""
+    now = time.time()
+    kind = JobKind(message["kind"])
+    return Job(id=message["id"], kind=kind, state=JobState.RUNNING, user_id=int(message["user_id"]),
+               priority=int(message.get("priority", 0)), payload=dict(message.get("payload") or {}),
+               attempts=attempt, max_attempts=int(message.get("max_attempts", 3)), worker_id=None,
+               lease_expires_at=None, cancel_requested=False, progress=0.0, progress_message="",
+               result=None, error=None, created_at=now, started_at=now, finished_at=None, updated_at=now)
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the job's run lock and the bot's lease alive while the handler works."""
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str, lease_ms: int) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.runtime, self.job_id, self.lease_ms = runtime, job_id, lease_ms
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.lease_ms / 3000):
+            try:
+                self.runtime.redis.pexpire(job_key(self.job_id, "run"), self.lease_ms)
+                self.runtime.emit("heartbeat", self.job_id)
+            except redis.RedisError as exc:
+                log.warning("heartbeat of job %s: %s", self.job_id, exc)
+
+
+class JobHooks:
+    """What a handler may ask the world while it runs: progress out, stop requests in.
+
+    ``should_stop()`` answers "cancel" (the owner cancelled: Redis key), "yield" (the worker is
+    shutting down: checkpoint and give the job back) or None. Both calls are throttled so a
+    training loop may call them every step.
+    """
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str, *, interval: float = 0.5) -> None:
+        self.runtime, self.job_id, self.interval = runtime, job_id, interval
+        self._last_progress = 0.0
+        self._last_check = 0.0
+        self._cancelled = False
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last_progress < self.interval:
+            return
+        self._last_progress = now
+        self.runtime.emit("progress", self.job_id, fraction=f"{fraction:.4f}", message=message)
+
+    def should_stop(self) -> str | None:
+        if self.runtime.stopping.is_set():
+            return "yield"
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_check >= self.interval:
+            self._last_check = now
+            # Redis away for a moment: keep working, ask again later.
+            with contextlib.suppress(redis.RedisError):
+                self._cancelled = bool(self.runtime.redis.exists(job_key(self.job_id, "cancel")))
+        return "cancel" if self._cancelled else None
+
+    def is_cancelled(self) -> bool:
+        return self.should_stop() == "cancel"
+
+
+def _run_job_task(self: Any, message: dict[str, Any]) -> str:
+    """Run one job: the Celery task body. Returns what happened (for the worker's log)."""
+    runtime = _runtime(self.app)
+    r, job_id = runtime.redis, message["id"]
+    lease_ms = int(runtime.settings.lease_seconds * 1000)
+    # 1. a copy of a job that already finished (redelivered after it completed): nothing to do
+    if r.exists(job_key(job_id, "done")):
+        return "duplicate"
+    # 2. one run at a time: a copy that arrives while the job runs elsewhere waits its turn
+    if not r.set(job_key(job_id, "run"), runtime.worker_id, nx=True, px=lease_ms):
+        raise self.retry(countdown=max(1.0, runtime.settings.lease_seconds), max_retries=None)
+    heartbeat = _Heartbeat(runtime, job_id, lease_ms)
+    try:
+        # 3. count the attempt (a worker that died mid-job counted one too)
+        attempt = int(r.incr(job_key(job_id, "attempts")))
+        r.expire(job_key(job_id, "attempts"), KEY_TTL_SECONDS)
+        runtime.emit("started", job_id, attempt=str(attempt))
+        if r.exists(job_key(job_id, "cancel")):
+            return _finish(runtime, job_id, error="cancelled by its owner", outcome="cancelled")
+        max_attempts = int(message.get("max_attempts", 3))
+        if attempt > max_attempts:
+            return _finish(runtime, job_id, outcome="failed", error=(
+                f"the workers running it stopped {attempt - 1} times; gave up after "
+                f"{max_attempts} attempts"))
+        heartbeat.start()
+        # 4. the same handlers as the embedded worker
+        job = job_from_message(message, attempt=attempt)
+        hooks = JobHooks(runtime, job_id)
+        started = time.monotonic()
+        try:
+            result = run_handler(runtime, job, hooks)
+        except TrainingPreempted:
+            heartbeat.done.set()
+            runtime.emit("released", job_id, message="waiting for a worker (the previous one stopped)")
+            r.decr(job_key(job_id, "attempts"))  # a graceful stop gives the attempt back
+            r.delete(job_key(job_id, "run"))
+            _republish(self.app, message)
+            return "released"
+        except CancelledError:
+            _record(job.kind, time.monotonic() - started, cancelled=True)
+            return _finish(runtime, job_id, outcome="cancelled", error="cancelled by its owner")
+        except Retry:
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            _record(job.kind, time.monotonic() - started, error=exc)
+            return _finish(runtime, job_id, outcome="failed", error=_describe(exc))
+        _record(job.kind, time.monotonic() - started)
+        return _finish(runtime, job_id, outcome="succeeded", result=result)
+    finally:
+        heartbeat.done.set()
+        if heartbeat.is_alive():
+            heartbeat.join(timeout=5)
+        if r.get(job_key(job_id, "run")) == runtime.worker_id.encode():
+            r.delete(job_key(job_id, "run"))
+
+
+def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = None,
+            error: str | None = None) -> str:
+    """The last event of a run and the "done" mark (written before the message is acknowledged,
+    so a redelivered copy finds it)."""
+    if outcome == "succeeded":
+        runtime.emit("succeeded", job_id, result=json.dumps(result if result is not None else {}))
+    else:
+        runtime.emit("failed", job_id, error=error or outcome, retry="0")
+    runtime.redis.set(job_key(job_id, "done"), outcome, ex=KEY_TTL_SECONDS)
+    return outcome
+
+
+def _republish(app: Celery, message: dict[str, Any]) -> None:
+    app.send_task(TASK_NAME, args=[message], task_id=message["id"],
+                  queue=QUEUE_FOR_KIND[JobKind(message["kind"])])
+
+
+def _describe(exc: BaseException) -> str:
+    from pipeline.errors import StickerbotError
+
+    if isinstance(exc, StickerbotError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _record(kind: JobKind, seconds: float, *, error: BaseException | None = None,
+            cancelled: bool = False) -> None:
+    from pipeline.monitoring import default_metrics
+
+    default_metrics().record_job(kind.value, seconds, error=error, cancelled=cancelled)
+
+
+def run_handler(runtime: WorkerRuntime, job: Job, hooks: JobHooks) -> dict[str, Any]:
+    """Call the embedded worker's handler for ``job`` (pipeline.jobs)."""
+    if job.kind == JobKind.NOOP:  # TEMPORARY until pipeline.jobs lands
+        time.sleep(float(job.payload.get("sleep") or 0))
+        return {}
+    raise NotImplementedError("pipeline.jobs has not landed yet")
+
+
+__all__ = ["QUEUES", "CelerySettings", "JobHooks", "WorkerRuntime", "create_app", "load_celery_settings"]
