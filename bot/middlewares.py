@@ -38,7 +38,12 @@ class ContextMiddleware(BaseMiddleware):
             data["lang"] = self.ctx.settings.default_language
             data["user_id"] = None
             return await handler(event, data)
-        record = await self.ctx.repo.ensure_user(user.id)
+        # A read for known users; a write only the first time (the language Telegram reports
+        # then is kept, so replies sent later by the notifier speak it too; /lang changes it).
+        record = await self.ctx.repo.get_user(user.id)
+        if record is None:
+            first = pick_language(None, user.language_code, self.ctx.settings.default_language)
+            record = await self.ctx.repo.ensure_user(user.id, language=first)
         data["user_id"] = user.id
         data["lang"] = pick_language(record.language, user.language_code,
                                      self.ctx.settings.default_language)

@@ -17,7 +17,6 @@ from bot.texts import t
 from pipeline.errors import JobError
 from pipeline.queue.base import JobState
 
-
 ACTIVE = [JobState.QUEUED, JobState.RUNNING]
 
 

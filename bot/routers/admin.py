@@ -12,7 +12,6 @@ from bot.context import BotContext
 from bot.texts import t
 
 
-
 def ago(seconds: float) -> str:
     if seconds < 120:
         return f"{int(seconds)} s"

@@ -32,7 +32,6 @@ from bot.states import Collect
 from bot.texts import t
 from pipeline.storage.repository import Style
 
-
 PACK_LINK = re.compile(r"(?:https?://)?(?:t|telegram)\.me/addstickers/([A-Za-z0-9_]{1,64})\b")
 PACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -11,7 +11,6 @@ from bot.keyboards import language_keyboard, start_keyboard
 from bot.texts import LANGUAGES, t
 
 
-
 async def on_start(message: Message, lang: str) -> None:
     await message.answer(t(lang, "start"), reply_markup=start_keyboard(lang))
 

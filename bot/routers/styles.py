@@ -18,7 +18,6 @@ from pipeline.queue.base import JobKind, JobState
 from pipeline.storage.repository import Style
 
 
-
 async def _owned(query: CallbackQuery, ctx: BotContext, lang: str, user_id: int) -> Style | None:
     style_id = (query.data or "").partition(":")[2]
     style = await ctx.repo.get_user_style(user_id, style_id) if style_id else None

@@ -20,7 +20,6 @@ from bot.texts import t
 from pipeline.errors import QueueUnavailableError, QuotaExceededError
 from pipeline.queue.base import JobKind
 
-
 _NOUN = re.compile(r"^[^\W\d_]{2,20}(?: [^\W\d_]{2,20})?$")
 
 
