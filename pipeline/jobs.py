@@ -107,7 +107,10 @@ def training_config(payload: dict[str, Any], settings: Settings, *,
         "checkpoint_every": 25,
     }
     if settings.preset == "tiny":
-        options.update(num_class_images=4, class_image_steps=2, checkpoint_every=5)
+        # Random-weight models for tests and smoke runs: a few steps show every code path.
+        options.update(num_class_images=4, class_image_steps=2, checkpoint_every=2)
+        if steps is None:
+            options["steps"] = 30
     config = TrainingConfig(**options)
     return config.low_memory() if low_memory else config
 
@@ -173,7 +176,9 @@ def run_sticker(job: Job, resident: Resident, *, should_stop: ShouldStop, progre
     seed = payload.get("seed") or 0
     if not isinstance(variants, int) or not isinstance(seed, int):
         raise InputError("sticker variants and seed must be integers")
-    options = StickerOptions(seed=seed, variants=variants, fast=bool(payload.get("fast", False)))
+    # The tiny preset (random weights, CPU tests) needs no more than a few denoising steps.
+    steps = {"steps": 8} if resident.settings.preset == "tiny" else {}
+    options = StickerOptions(seed=seed, variants=variants, fast=bool(payload.get("fast", False)), **steps)
     ref = StyleRef.open(style_dir, style_id=style_id)
     try:
         photo = photo_path.read_bytes()
@@ -206,7 +211,7 @@ def run_noop(job: Job, resident: Resident | None, *, should_stop: ShouldStop, pr
             raise TrainingPreempted(int(elapsed * 1000), int(total * 1000))
         progress(elapsed / total, "sleeping")
         time.sleep(min(0.05, total - elapsed))
-    return {}
+    return {"low_memory": True} if low_memory else {}
 
 
 HANDLERS: dict[JobKind, Callable[..., dict[str, Any]]] = {

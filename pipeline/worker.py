@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -64,11 +65,10 @@ def parse_faults(spec: str | None) -> dict[JobKind, int]:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-    except ImportError:  # a no-op-only worker may run without torch
-        return False
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    # Without torch imported nothing could have raised its error (and a no-op worker should not
+    # pay seconds for the import).
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def free_accelerator_memory() -> None:
