@@ -203,24 +203,42 @@ def style_loaded(diffusion: Any, style_dir: Path, info: StyleInfo, *, weights_di
         raise StyleError(f"no adapter file {LORA_FILE} in {weights_dir}")
     pipe = build_txt2img(diffusion)
     name = f"eval-{uuid.uuid4().hex[:8]}"
+    modules = (diffusion.unet, diffusion.text_encoder)
+    had_peft = [_peft_state(m) for m in modules]
     try:
-        pipe.load_lora_weights(str(weights_dir), adapter_name=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        if name in _adapter_names(pipe):
-            pipe.delete_adapters(name)
-        raise StyleError(f"cannot load the adapter in {weights_dir}: {exc}") from exc
-    try:
+        try:
+            pipe.load_lora_weights(str(weights_dir), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise StyleError(f"cannot load the adapter in {weights_dir}: {exc}") from exc
         pipe.set_adapters([name], adapter_weights=[scale])
         yield pipe
     finally:
-        pipe.delete_adapters(name)
+        for module, before in zip(modules, had_peft, strict=True):
+            _remove_adapter(module, name, before)
 
 
-def _adapter_names(pipe: Any) -> set[str]:
-    try:
-        return {n for names in pipe.get_list_adapters().values() for n in names}
-    except (AttributeError, ValueError):
-        return set()
+def _peft_state(module: Any) -> tuple[bool, Any]:
+    """(whether ``module`` held adapters, its transformers "peft loaded" flag)."""
+    return bool(getattr(module, "peft_config", None)), getattr(module, "_hf_peft_config_loaded", None)
+
+
+def _remove_adapter(module: Any, name: str, before: tuple[bool, Any]) -> None:
+    """Delete adapter ``name``; a module that held no adapters before gets its LoRA wrappers
+    taken out too, so it is the same object graph (and speed) as before the evaluation."""
+    from diffusers.utils.peft_utils import delete_adapter_layers, recurse_remove_peft_layers
+
+    config = getattr(module, "peft_config", None)
+    if not config or name not in config:
+        return
+    had_adapters, loaded_flag = before
+    if had_adapters:
+        delete_adapter_layers(module, name)
+        config.pop(name, None)
+        return
+    recurse_remove_peft_layers(module)
+    del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = loaded_flag
 
 
 def generate_images(pipe: Any, prompts: Sequence[str], config: EvaluationConfig, *,

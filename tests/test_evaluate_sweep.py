@@ -82,23 +82,33 @@ def encoders(sources):  # -> tuple[ImageEncoder, ImageEncoder]
 @pytest.fixture(scope="module")
 def lora_style(tmp_path_factory, diffusion) -> Path:
     """A real LoRA style directory whose adapter visibly changes the output (non-zero B)."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft import LoraConfig
 
-    from pipeline.training import ADAPTER_NAME, UNET_LORA_TARGETS, save_lora_style
+    from pipeline.training import ADAPTER_NAME, TEXT_LORA_TARGETS, UNET_LORA_TARGETS, save_lora_style
 
     out = tmp_path_factory.mktemp("style") / "style"
     out.mkdir()
     torch.manual_seed(0)
+    flags = [getattr(m, "_hf_peft_config_loaded", None) for m in (diffusion.unet, diffusion.text_encoder)]
     diffusion.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                           target_modules=list(UNET_LORA_TARGETS)),
                                adapter_name=ADAPTER_NAME)
+    # A text-encoder LoRA too: evaluation must load and then remove both.
+    diffusion.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                                  target_modules=list(TEXT_LORA_TARGETS)),
+                                       adapter_name=ADAPTER_NAME)
     info = StyleInfo(identifier="zqv", class_noun="cat", instance_prompt="a zqv cat sticker",
                      class_prompt="a cat sticker", base_model=diffusion.source, kind="lora",
-                     resolution=RES, steps=5, seed=0, train_set_sha256="0" * 64, rank=4, lora_alpha=4)
+                     resolution=RES, steps=5, seed=0, train_set_sha256="0" * 64, rank=4, lora_alpha=4,
+                     text_encoder_trained=True)
     try:
-        save_lora_style(out, diffusion.unet, None, info)
+        save_lora_style(out, diffusion.unet, diffusion.text_encoder, info)
     finally:
-        diffusion.unet.delete_adapters(ADAPTER_NAME)
+        for module, flag in zip((diffusion.unet, diffusion.text_encoder), flags, strict=True):
+            recurse_remove_peft_layers(module)
+            del module.peft_config
+            module._hf_peft_config_loaded = flag
     return out
 
 
@@ -109,12 +119,16 @@ def references(tmp_path_factory, encoders) -> ReferenceSet:
     return ReferenceSet.from_images(load_references(folder, resolution=RES), clip=clip, dino=dino)
 
 
-def _unet_probe(diffusion) -> torch.Tensor:
+def _probe(diffusion) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's and the text encoder's outputs on fixed inputs."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 16, 16, generator=g)
     ctx = torch.randn(1, 77, 32, generator=g)
+    ids = diffusion.tokenizer(["a cat sticker"], padding="max_length", max_length=77,
+                              return_tensors="pt").input_ids
     with torch.no_grad():
-        return diffusion.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample
+        return (diffusion.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample,
+                diffusion.text_encoder(ids)[0])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -132,12 +146,17 @@ def _one_thread() -> Iterator[None]:
 def test_evaluate_writes_json_and_contact_sheet_and_restores_the_models(
         tmp_path, diffusion, encoders, lora_style, references) -> None:
     clip, dino = encoders
-    before = _unet_probe(diffusion)
+    before = _probe(diffusion)
     config = dataclasses.replace(FAST, max_prompts=2)
     result = evaluate_style(diffusion, lora_style, references, clip=clip, dino=dino,
                             out_dir=tmp_path / "eval", config=config)
-    # The shared UNet is exactly as before: the adapter was loaded under a private name and deleted.
-    assert torch.equal(_unet_probe(diffusion), before)
+    # The shared models are exactly as before: the adapter was loaded under a private name and
+    # deleted from the UNet and the text encoder.
+    after = _probe(diffusion)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    for module in (diffusion.unet, diffusion.text_encoder):
+        assert not any("lora" in n for n, _ in module.named_modules())
+        assert not getattr(module, "peft_config", None) and not module._hf_peft_config_loaded
 
     report = json.loads(result.json_path.read_text())
     assert set(report["scores"]) >= {"clip_i", "dino", "clip_t", "diversity", "diversity_note"}
@@ -298,19 +317,20 @@ def test_sweep_command_trains_and_evaluates_a_2x2_grid(tmp_path, cli_env, capsys
 
     stickers = _write_stickers(tmp_path / "stickers")
     out = tmp_path / "sweep"
-    argv = ["sweep", "--stickers", str(stickers), "--grid", "rank=2,4", "prior=0,1", "--steps", "1",
+    argv = ["sweep", "--stickers", str(stickers), "--grid", "text_encoder=0,1", "prior=0,1", "--steps", "1",
             "--num-class-images", "1", "--class-image-steps", "1", "--resolution", str(RES),
             "--max-prompts", "1", "--images-per-prompt", "2", "--eval-steps", "1", "--guidance", "1",
             "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| rank | prior | CLIP-I | DINO | CLIP-T | LPIPS div. | train s |" in printed
+    assert "| text_encoder | prior | CLIP-I | DINO | CLIP-T | LPIPS div. | train s |" in printed
 
     table = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
-    assert [(r["rank"], r["prior"]) for r in table] == [("2", "0"), ("2", "1"), ("4", "0"), ("4", "1")]
+    assert [(r["text_encoder"], r["prior"]) for r in table] == [("0", "0"), ("0", "1"), ("1", "0"),
+                                                                 ("1", "1")]
     for n, row in enumerate(table):
         info = read_style(out / f"run-{n:02d}" / "style")
-        assert info.rank == int(row["rank"])
+        assert info.text_encoder_trained is (row["text_encoder"] == "1")
         assert info.extra["config"]["with_prior_preservation"] is (row["prior"] == "1")
         assert (out / f"run-{n:02d}" / "eval" / "metrics.json").is_file()
     # Each metric's best row is marked, and it holds that column's maximum.
@@ -319,7 +339,7 @@ def test_sweep_command_trains_and_evaluates_a_2x2_grid(tmp_path, cli_env, capsys
         marked = [i for i, r in enumerate(table) if metric in r["best"].split(";")]
         assert marked and all(values[i] == max(values) for i in marked)
     md = (out / "sweep.md").read_text().splitlines()
-    assert len([line for line in md if line.startswith("| 2 |") or line.startswith("| 4 |")]) == 4
+    assert len([line for line in md if line.startswith(("| 0 |", "| 1 |"))]) == 4
     assert md[0].count("|") == 8
     # One class-image cache entry, shared by both prior runs.
     assert len([p for p in (cli_env.data_dir / "class-images").iterdir() if p.is_dir()]) == 1
