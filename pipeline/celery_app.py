@@ -34,7 +34,6 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
-from celery.exceptions import Retry
 from pydantic import Field, ValidationError
 
 from pipeline.errors import CancelledError, ConfigError, TrainingPreempted
@@ -132,20 +131,25 @@ class WorkerRuntime:
     settings: Settings
     worker_id: str
     redis: redis.Redis
+    # Queues this worker consumes: a training job yields at a step boundary when a sticker waits
+    # in one of them.
+    queues: tuple[str, ...] = QUEUES
     stopping: threading.Event = field(default_factory=threading.Event)
-    _models: Any = None
+    low_memory: set[str] = field(default_factory=set)  # jobs that ran out of memory once
+    _resident: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def models(self) -> Any:
-        """The models, loaded on first use and then kept (worker init calls this at start)."""
+    def resident(self) -> Any:
+        """The embedded worker's :class:`pipeline.jobs.Resident` (models, adapter LRU), loaded on
+        first use and kept for the life of the process (worker init calls this at start)."""
         with self._lock:
-            if self._models is None:
-                from pipeline.models import load_models
+            if self._resident is None:
+                from pipeline.jobs import Resident
 
                 started = time.monotonic()
-                self._models = load_models(self.settings)
-                log.info("models loaded in %.1f s", time.monotonic() - started)
-            return self._models
+                self._resident = Resident.load(self.settings)
+                log.info("models loaded in %.1f s (%s)", time.monotonic() - started, self.settings.preset)
+            return self._resident
 
     def emit(self, event_type: str, job_id: str, **fields: Any) -> None:
         """One event for the bot's reader (see pipeline.queue.celery)."""
@@ -178,7 +182,7 @@ def _start_worker(app: Celery) -> None:
             start_metrics_server(settings.metrics_port)
         except OSError as exc:  # a second worker on the same host and port: no metrics, still work
             log.warning("metrics port %s: %s", settings.metrics_port, exc)
-    runtime.models()
+    runtime.resident()
 
 
 def _connect_worker_signals(app: Celery) -> None:
@@ -242,11 +246,14 @@ class JobHooks:
     training loop may call them every step.
     """
 
-    def __init__(self, runtime: WorkerRuntime, job_id: str, *, interval: float = 0.5) -> None:
-        self.runtime, self.job_id, self.interval = runtime, job_id, interval
+    def __init__(self, runtime: WorkerRuntime, job: Job, *, interval: float = 0.5) -> None:
+        self.runtime, self.job_id, self.interval = runtime, job.id, interval
+        # A training job on a worker that also serves stickers steps aside for a waiting one.
+        self.yields_to_stickers = job.kind == JobKind.TRAIN and "sticker" in runtime.queues
         self._last_progress = 0.0
         self._last_check = 0.0
         self._cancelled = False
+        self._sticker_waiting = False
 
     def progress(self, fraction: float, message: str = "") -> None:
         now = time.monotonic()
@@ -264,7 +271,12 @@ class JobHooks:
             # Redis away for a moment: keep working, ask again later.
             with contextlib.suppress(redis.RedisError):
                 self._cancelled = bool(self.runtime.redis.exists(job_key(self.job_id, "cancel")))
-        return "cancel" if self._cancelled else None
+                if self.yields_to_stickers and not self._cancelled:
+                    # kombu's Redis transport keeps a queue's messages in a list named after it.
+                    self._sticker_waiting = bool(self.runtime.redis.llen("sticker"))
+        if self._cancelled:
+            return "cancel"
+        return "yield" if self._sticker_waiting else None
 
     def is_cancelled(self) -> bool:
         return self.should_stop() == "cancel"
@@ -273,6 +285,8 @@ class JobHooks:
 def _run_job_task(self: Any, message: dict[str, Any]) -> str:
     """Run one job: the Celery task body. Returns what happened (for the worker's log)."""
     runtime = _runtime(self.app)
+    if self.app.amqp.queues.consume_from:
+        runtime.queues = tuple(self.app.amqp.queues.consume_from)
     r, job_id = runtime.redis, message["id"]
     lease_ms = int(runtime.settings.lease_seconds * 1000)
     # 1. a copy of a job that already finished (redelivered after it completed): nothing to do
@@ -297,26 +311,32 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
         heartbeat.start()
         # 4. the same handlers as the embedded worker
         job = job_from_message(message, attempt=attempt)
-        hooks = JobHooks(runtime, job_id)
+        hooks = JobHooks(runtime, job)
         started = time.monotonic()
         try:
             result = run_handler(runtime, job, hooks)
         except TrainingPreempted:
+            # Checkpoint written: give the job back (the attempt too) and queue it again.
             heartbeat.done.set()
-            runtime.emit("released", job_id, message="waiting for a worker (the previous one stopped)")
-            r.decr(job_key(job_id, "attempts"))  # a graceful stop gives the attempt back
+            why = ("paused: the worker is restarting" if runtime.stopping.is_set()
+                   else "paused for a sticker")
+            runtime.emit("released", job_id, message=why)
+            r.decr(job_key(job_id, "attempts"))
             r.delete(job_key(job_id, "run"))
             _republish(self.app, message)
             return "released"
         except CancelledError:
             _record(job.kind, time.monotonic() - started, cancelled=True)
+            _discard_outputs(runtime, job)
             return _finish(runtime, job_id, outcome="cancelled", error="cancelled by its owner")
-        except Retry:
-            raise
         except Exception as exc:
-            log.exception("job %s failed", job_id)
             _record(job.kind, time.monotonic() - started, error=exc)
-            return _finish(runtime, job_id, outcome="failed", error=_describe(exc))
+            return _failed(self.app, runtime, message, job, exc, attempt=attempt)
+        if job.kind == JobKind.STICKER and hooks.is_cancelled():
+            # Stickers run to their end; a cancel that arrived meanwhile still wins.
+            _discard_outputs(runtime, job)
+            return _finish(runtime, job_id, outcome="cancelled", error="cancelled by its owner")
+        runtime.low_memory.discard(job_id)
         _record(job.kind, time.monotonic() - started)
         return _finish(runtime, job_id, outcome="succeeded", result=result)
     finally:
@@ -328,13 +348,13 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
 
 
 def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = None,
-            error: str | None = None) -> str:
+            error: str | None = None, retry: bool = False) -> str:
     """The last event of a run and the "done" mark (written before the message is acknowledged,
-    so a redelivered copy finds it)."""
+    so a redelivered copy finds it). ``retry`` on the last attempt lets the record say so."""
     if outcome == "succeeded":
         runtime.emit("succeeded", job_id, result=json.dumps(result if result is not None else {}))
     else:
-        runtime.emit("failed", job_id, error=error or outcome, retry="0")
+        runtime.emit("failed", job_id, error=error or outcome, retry="1" if retry else "0")
     runtime.redis.set(job_key(job_id, "done"), outcome, ex=KEY_TTL_SECONDS)
     return outcome
 
@@ -342,14 +362,6 @@ def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = 
 def _republish(app: Celery, message: dict[str, Any]) -> None:
     app.send_task(TASK_NAME, args=[message], task_id=message["id"],
                   queue=QUEUE_FOR_KIND[JobKind(message["kind"])])
-
-
-def _describe(exc: BaseException) -> str:
-    from pipeline.errors import StickerbotError
-
-    if isinstance(exc, StickerbotError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _record(kind: JobKind, seconds: float, *, error: BaseException | None = None,
@@ -360,11 +372,61 @@ def _record(kind: JobKind, seconds: float, *, error: BaseException | None = None
 
 
 def run_handler(runtime: WorkerRuntime, job: Job, hooks: JobHooks) -> dict[str, Any]:
-    """Call the embedded worker's handler for ``job`` (pipeline.jobs)."""
-    if job.kind == JobKind.NOOP:  # TEMPORARY until pipeline.jobs lands
-        time.sleep(float(job.payload.get("sleep") or 0))
-        return {}
-    raise NotImplementedError("pipeline.jobs has not landed yet")
+    """The embedded worker's handler for ``job`` (:func:`pipeline.jobs.run_job`), with its
+    out-of-memory policy: once more on the low-memory profile, then fail."""
+    from pipeline.jobs import run_job
+    from pipeline.worker import free_accelerator_memory, is_out_of_memory
+
+    while True:
+        low_memory = job.id in runtime.low_memory
+        try:
+            return run_job(job, runtime.resident(), should_stop=hooks.should_stop,
+                           progress=hooks.progress, low_memory=low_memory)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or low_memory:
+                raise
+            log.warning("job %s ran out of accelerator memory; retrying on the low-memory profile",
+                        job.id)
+            free_accelerator_memory()
+            runtime.low_memory.add(job.id)
+
+
+def _failed(app: Celery, runtime: WorkerRuntime, message: dict[str, Any], job: Job, exc: Exception, *,
+            attempt: int) -> str:
+    """A handler error, classified as the embedded worker does: bad input, a damaged style or
+    out of memory on the low-memory profile fail for good; anything unexpected is tried again
+    (on any worker) while attempts remain."""
+    from pipeline.errors import StickerbotError
+    from pipeline.worker import free_accelerator_memory, is_out_of_memory
+
+    runtime.low_memory.discard(job.id)
+    if is_out_of_memory(exc):
+        free_accelerator_memory()
+        return _finish(runtime, job.id, outcome="failed", error=(
+            "out of accelerator memory, also on the low-memory profile (gradient checkpointing, "
+            "batch 1); the GPU is too small for this job"))
+    if isinstance(exc, StickerbotError):
+        return _finish(runtime, job.id, outcome="failed", error=str(exc))
+    log.error("job %s: unexpected error", job.id, exc_info=exc)
+    error = f"internal error ({exc.__class__.__name__}: {exc})"[:500]
+    if attempt >= job.max_attempts:
+        return _finish(runtime, job.id, outcome="failed", error=error, retry=True)
+    runtime.emit("failed", job.id, error=error, retry="1")
+    runtime.redis.delete(job_key(job.id, "run"))
+    _republish(app, message)
+    return "retried"
+
+
+def _discard_outputs(runtime: WorkerRuntime, job: Job) -> None:
+    """A cancelled job leaves nothing behind: no checkpoint, no sticker files."""
+    import shutil
+
+    from pipeline.jobs import RESULTS, checkpoint_dir
+    from pipeline.storage.files import DataDir
+
+    data = DataDir(runtime.settings.data_dir)
+    shutil.rmtree(checkpoint_dir(data, job.id), ignore_errors=True)
+    shutil.rmtree(data.root / RESULTS / job.id, ignore_errors=True)
 
 
 __all__ = ["QUEUES", "CelerySettings", "JobHooks", "WorkerRuntime", "create_app", "load_celery_settings"]

@@ -180,7 +180,8 @@ _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", d
 _user_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("user_id", default=None)
 
 # A Telegram bot token: "<digits>:<35 or so url-safe characters>", also inside API URLs.
-_TOKEN_RE = re.compile(r"\b\d{3,}:[A-Za-z0-9_-]{20,}")
+# No word boundary before it: in ".../bot123:ABC..." the digits follow letters.
+_TOKEN_RE = re.compile(r"(?<!\d)\d{3,}:[A-Za-z0-9_-]{20,}")
 
 
 def redact(text: str) -> str:
