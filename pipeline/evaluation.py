@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -445,7 +446,10 @@ def list_checkpoints(style_dir: str | Path) -> list[tuple[int, Path]]:
             weights = d / (UNET_DIR if info.kind == "full" else LORA_FILE)
             if m and d.is_dir() and weights.exists():
                 found[int(m.group(1))] = d
-    found[info.steps] = style_dir  # the final weights win over an intermediate of the same step
+    # The style's own weights win over an intermediate of the same step. After a promotion they
+    # are the selected checkpoint's, and are labelled with its step.
+    selected = info.extra.get("selected_checkpoint") or {}
+    found[int(selected.get("step", info.steps))] = style_dir
     return sorted(found.items())
 
 
@@ -477,7 +481,11 @@ def select_best_checkpoint(
         candidates.append(CheckpointScore(step=step, weights_dir=weights, scores=result.scores))
         log.info("checkpoint step %d: %s %.4f", step, metric, result.scores.get(metric) or 0.0)
     # Ties go to the earlier step: less training, same quality.
-    best = max(candidates, key=lambda c: (c.scores.get(metric) or float("-inf"), -c.step))
+    def rank(c: CheckpointScore) -> tuple[float, int]:
+        value = c.scores.get(metric)
+        return (float("-inf") if value is None else value, -c.step)
+
+    best = max(candidates, key=rank)
     selection = CheckpointSelection(metric=metric, best=best, candidates=candidates)
     selection.json_path = out / "checkpoints.json"
     write_atomic(selection.json_path, json.dumps({
@@ -491,15 +499,23 @@ def select_best_checkpoint(
 
 def promote_checkpoint(style_dir: str | Path, selection: CheckpointSelection) -> StyleInfo:
     """Make the selected checkpoint the style's weights (atomic file swap) and record the choice
-    in style.json (``extra["selected_checkpoint"]``). A no-op copy when the final one won."""
+    in style.json (``extra["selected_checkpoint"]``). The weights being replaced are kept as
+    ``intermediate/step-<their step>/`` first, so a promotion can be undone or redone."""
+    from pipeline.storage.files import atomic_directory
+
     style_dir = Path(style_dir)
     info = read_style(style_dir)
     best = selection.best
     if best.weights_dir.resolve() != style_dir.resolve():
         if info.kind != "lora":
             raise StyleError("promoting a checkpoint is supported for LoRA styles only")
-        src = best.weights_dir / LORA_FILE
-        write_atomic(style_dir / LORA_FILE, src.read_bytes())
+        current = int((info.extra.get("selected_checkpoint") or {}).get("step", info.steps))
+        keep = style_dir / INTERMEDIATE_DIR / f"step-{current}"
+        if not (keep / LORA_FILE).is_file():
+            with atomic_directory(keep) as tmp:
+                shutil.copyfile(style_dir / LORA_FILE, tmp / LORA_FILE)
+                write_style_info(tmp, replace(info, steps=current))
+        write_atomic(style_dir / LORA_FILE, (best.weights_dir / LORA_FILE).read_bytes())
     extra = dict(info.extra)
     extra["selected_checkpoint"] = {"step": best.step, "metric": selection.metric,
                                     "value": best.scores.get(selection.metric),

@@ -237,11 +237,22 @@ def test_best_checkpoint_is_chosen_among_intermediate_adapters_and_promoted(
     saved = json.loads(selection.json_path.read_text())
     assert saved["best_step"] == selection.best.step and len(saved["candidates"]) == 2
 
-    expected = (selection.best.weights_dir / LORA_FILE).read_bytes()
-    info = promote_checkpoint(style_dir, selection)
-    assert (style_dir / LORA_FILE).read_bytes() == expected
-    assert read_style(style_dir).extra["selected_checkpoint"]["step"] == selection.best.step
+    # Promote the first checkpoint (whichever won): the final weights are kept as step-2.
+    first = selection.candidates[0]
+    forced = dataclasses.replace(selection, best=first)
+    final_bytes = (style_dir / LORA_FILE).read_bytes()
+    info = promote_checkpoint(style_dir, forced)
+    assert (style_dir / LORA_FILE).read_bytes() == (first.weights_dir / LORA_FILE).read_bytes()
+    assert (style_dir / "intermediate" / "step-2" / LORA_FILE).read_bytes() == final_bytes
+    assert read_style(style_dir).extra["selected_checkpoint"]["step"] == 1
     assert info.extra["selected_checkpoint"]["metric"] == "dino"
+    assert [(step, path.name) for step, path in list_checkpoints(style_dir)] == [(1, "style"),
+                                                                             (2, "step-2")]
+    # And back: promoting step 2 restores the final weights.
+    back = select_best_checkpoint(diffusion, style_dir, references, clip=clip, dino=dino,
+                                  out_dir=tmp_path / "ckpt2", metric="dino", config=FAST)
+    promote_checkpoint(style_dir, dataclasses.replace(back, best=back.candidates[1]))
+    assert (style_dir / LORA_FILE).read_bytes() == final_bytes
     with pytest.raises(ValueError, match="unknown metric"):
         select_best_checkpoint(diffusion, style_dir, references, clip=clip, dino=dino,
                                out_dir=tmp_path / "x", metric="fid", config=FAST)
