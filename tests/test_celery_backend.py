@@ -1,13 +1,14 @@
 """The Celery backend against a real redis-server and real `celery worker` subprocesses.
 
-Each test module run starts its own redis-server on a free loopback port; the workers are
-`python -m celery -A pipeline.celery_app worker --pool solo` with the tiny preset, reading their
-settings from the environment like a deployed worker.
+The module starts one redis-server on a free loopback port (append-only file on, as deployed, so
+an outage loses no queued message) and two workers, `python -m celery -A pipeline.celery_app
+worker --pool solo` with the tiny preset, reading their settings from the environment like a
+deployed worker and sharing one data dir with the bot. The tests run in file order: the crash
+test replaces a worker, so it comes last.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -15,15 +16,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
+from bot_harness import bot_settings, picture, running_bot
+from conftest import TEST_TOKEN
+from fake_bot_api import FakeBotAPI, user
 
 from pipeline.errors import QueueUnavailableError
 from pipeline.queue.base import Job, JobKind, JobState
-from pipeline.queue.celery import CeleryJobQueue, job_key
+from pipeline.queue.celery import EVENTS_STREAM, CeleryJobQueue, job_key
 from pipeline.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +61,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
@@ -92,7 +97,11 @@ class Worker:
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while " ready." not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -110,55 +119,67 @@ class Worker:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+@dataclass
+class Cluster:
+    redis: RedisServer
+    settings: Settings  # the bot's: celery backend, the shared data dir
+    env: dict[str, str]  # the workers'
+    log_dir: Path
+    workers: list[Worker] = field(default_factory=list)
 
-
-@pytest.fixture
-def celery_settings(tiny_settings: Settings, redis_server: RedisServer) -> Settings:
-    redis.Redis.from_url(redis_server.url).flushall()
-    return load_settings(**{**tiny_settings.model_dump(), "queue_backend": "celery",
-                            "redis_url": redis_server.url, "max_queued_jobs_per_user": 1000,
-                            "lease_seconds": 2.0})
-
-
-@pytest.fixture
-def worker_env(tiny_env: dict[str, str], celery_settings: Settings) -> dict[str, str]:
-    env = dict(tiny_env)
-    env.update(STICKERBOT_QUEUE_BACKEND="celery", STICKERBOT_REDIS_URL=celery_settings.redis_url,
-               STICKERBOT_LEASE_SECONDS=str(celery_settings.lease_seconds),
-               STICKERBOT_CELERY_VISIBILITY_TIMEOUT="300", PYTHONPATH=str(ROOT))
-    return env
-
-
-@pytest.fixture
-def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
-    def start(name: str, *, wait: bool = True, **env: str) -> Worker:
-        worker = Worker(name, {**worker_env, **env}, tmp_path / f"{name}-{len(workers)}.log")
-        workers.append(worker)
+    def start_worker(self, name: str, *, wait: bool = True, **env: str) -> Worker:
+        worker = Worker(name, {**self.env, **env}, self.log_dir / f"{name}.log")
+        self.workers.append(worker)
         if wait:
             worker.wait_ready()
         return worker
 
-    yield start
-    for worker in workers:
-        worker.stop(signal.SIGKILL)
+    def worker_running(self, job: Job) -> Worker:
+        pid = int(str(job.worker_id).rsplit("/", 1)[1])
+        return next(w for w in self.workers if w.pid == pid)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.text()[-2000:]}" for w in self.workers)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("celery")
+    server = RedisServer(root / "redis")
+    server.start()
+    settings = load_settings(preset="tiny", data_dir=root / "data", tiny_zoo_dir=tiny_zoo, device="cpu",
+                             dtype="float32", queue_backend="celery", redis_url=server.url,
+                             max_queued_jobs_per_user=1000, lease_seconds=2.0)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STICKERBOT_") and k not in ("BOT_TOKEN", "TELEGRAM_API_BASE")}
+    env.update(STICKERBOT_PRESET="tiny", STICKERBOT_DATA_DIR=str(settings.data_dir),
+               STICKERBOT_TINY_ZOO_DIR=str(tiny_zoo), STICKERBOT_DEVICE="cpu", STICKERBOT_DTYPE="float32",
+               STICKERBOT_QUEUE_BACKEND="celery", STICKERBOT_REDIS_URL=server.url,
+               STICKERBOT_LEASE_SECONDS="2", STICKERBOT_CELERY_VISIBILITY_TIMEOUT="300",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
+               # Tiny models run several times faster on one thread than contending for two.
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    c = Cluster(server, settings, env, root)
+    try:
+        w1, w2 = c.start_worker("w1", wait=False), c.start_worker("w2", wait=False)
+        w1.wait_ready()
+        w2.wait_ready()
+        yield c
+    finally:
+        for worker in c.workers:
+            worker.stop(signal.SIGKILL)
+        server.stop()
 
 
 @pytest.fixture
-async def queue(celery_settings: Settings) -> AsyncIterator[CeleryJobQueue]:
-    q = await CeleryJobQueue.from_settings(celery_settings)
+async def queue(cluster: Cluster) -> AsyncIterator[CeleryJobQueue]:
+    q = await CeleryJobQueue.from_settings(cluster.settings)
     yield q
     await q.close()
 
 
-async def wait_finished(queue: CeleryJobQueue, job_ids: list[str], *, timeout: float) -> dict[str, Job]:
+async def wait_finished(queue: CeleryJobQueue, job_ids: list[str], *,
+                        timeout: float) -> dict[str, Job]:  # noqa: ASYNC109 - a test deadline
     """Follow ``events_since`` (as the bot does) until every job finished."""
     cursor, final = 0.0, {}
     deadline = time.monotonic() + timeout
@@ -173,17 +194,82 @@ async def wait_finished(queue: CeleryJobQueue, job_ids: list[str], *, timeout: f
     return final
 
 
+def store_sticker_set(settings: Settings, name: str, n: int = 3) -> list[str]:
+    paths = []
+    for i in range(n):
+        rel = f"blobs/{name}-{i}.png"
+        (settings.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (settings.data_dir / rel).write_bytes(picture(100 + i, alpha=True))
+        paths.append(rel)
+    return paths
+
+
+async def test_bot_trains_and_draws_on_celery_workers_and_survives_a_redis_outage(cluster: Cluster) -> None:
+    fake = FakeBotAPI(TEST_TOKEN)
+    await fake.start()
+    settings = bot_settings(cluster.settings, fake, TEST_TOKEN)
+    try:
+        async with running_bot(settings) as app:
+            assert type(app.ctx.queue).__name__ == "CeleryJobQueue"
+            ann = user(70)
+            # 1. a sticker set, then training on a Celery worker
+            for i in range(3):
+                fid = fake.add_file(picture(i, fmt="WEBP"), kind="stickers", suffix=".webp")
+                fake.send_sticker(ann, fid)
+                await fake.wait_text(70, f"has {i + 1} usable")
+            fake.send_text(ann, "/train")
+            await fake.wait_text(70, "What do your stickers show?")
+            fake.send_text(ann, "cat")
+            await fake.wait_text(70, "is queued")
+            await fake.wait_text(70, "is ready and active", timeout=300)
+            style = (await app.ctx.repo.list_styles(70, status="ready"))[0]
+            assert (settings.data_dir / style.style_dir / "style.json").is_file()
+            train_job = (await app.ctx.queue.list_for_user(70))[0]
+            assert train_job.kind == JobKind.TRAIN and train_job.state == JobState.SUCCEEDED
+            assert train_job.attempts == 1 and train_job.result["steps"] > 0
+            assert "/" in str(train_job.worker_id)  # a Celery worker ran it, not this process
+            # 2. a photo becomes a sticker drawn on a worker and sent back
+            fake.send_photo(ann, fake.add_file(picture(9, fmt="JPEG")))
+            await fake.wait_for(lambda c: c.method == "sendSticker", timeout=90)
+            jobs = await app.ctx.queue.list_for_user(70)
+            assert [j.kind for j in jobs] == [JobKind.STICKER, JobKind.TRAIN]
+            assert jobs[0].state == JobState.SUCCEEDED
+            sticker_path = settings.data_dir / jobs[0].result["stickers"][0]["path"]
+            assert sticker_path.read_bytes()[8:12] == b"WEBP"
+
+            # 3. Redis goes down: the user hears "try again", nothing in the database changes
+            cluster.redis.stop()
+            start = len(fake.calls)
+            fake.send_photo(ann, fake.add_file(picture(10, fmt="JPEG")))
+            await fake.wait_text(70, "queue is unavailable", start=start, timeout=30)
+            assert [j.id for j in await app.ctx.queue.list_for_user(70)] == [j.id for j in jobs]
+            assert (await app.ctx.repo.get_style(style.id)).status == "ready"
+
+            # 4. Redis is back: new jobs flow again
+            cluster.redis.start()
+            sent = len(fake.calls_to("sendSticker", 70))
+            deadline = time.monotonic() + 60
+            while len(fake.calls_to("sendSticker", 70)) == sent:
+                assert time.monotonic() < deadline, cluster.logs()
+                start = len(fake.calls)
+                fake.send_photo(ann, fake.add_file(picture(11, fmt="JPEG")))
+                await fake.wait_for(lambda c: c.method in ("sendSticker", "editMessageText", "sendMessage")
+                                    and ("unavailable" in c.text or c.method == "sendSticker"),
+                                    start=start, timeout=60)
+            final = await app.ctx.queue.list_for_user(70)
+            assert final[0].kind == JobKind.STICKER and final[0].state == JobState.SUCCEEDED
+    finally:
+        await fake.close()
+
+
 async def test_two_workers_run_100_noop_jobs_each_exactly_once(queue: CeleryJobQueue,
-                                                                start_worker, celery_settings) -> None:
-    w1, w2 = start_worker("w1", wait=False), start_worker("w2", wait=False)
-    w1.wait_ready()
-    w2.wait_ready()
-    jobs = [await queue.submit(JobKind.NOOP, user_id=1 + i % 7, payload={"sleep": 0.01})
+                                                                cluster: Cluster) -> None:
+    jobs = [await queue.submit(JobKind.NOOP, user_id=1000 + i % 7, payload={"sleep": 0.01})
             for i in range(100)]
     ids = [j.id for j in jobs]
     assert len(set(ids)) == 100
-    final = await wait_finished(queue, ids, timeout=60)
-    r = redis.Redis.from_url(celery_settings.redis_url)
+    final = await wait_finished(queue, ids, timeout=90)
+    r = redis.Redis.from_url(cluster.settings.redis_url)
     assert all(j.state == JobState.SUCCEEDED for j in final.values()), [
         j for j in final.values() if j.state != JobState.SUCCEEDED][:3]
     assert all(j.attempts == 1 for j in final.values())
@@ -195,42 +281,55 @@ async def test_two_workers_run_100_noop_jobs_each_exactly_once(queue: CeleryJobQ
         assert stored is not None and stored.result == {} and stored.finished_at is not None
 
 
-async def test_redis_down_at_submit_refuses_without_losing_anything(
-        tmp_path: Path, tiny_settings: Settings, tiny_env: dict[str, str]) -> None:
-    server = RedisServer(tmp_path / "redis-outage")
-    server.start()
-    settings = load_settings(**{**tiny_settings.model_dump(), "queue_backend": "celery",
-                                "redis_url": server.url, "max_queued_jobs_per_user": 100})
-    queue = await CeleryJobQueue.from_settings(settings)
-    env = {**tiny_env, "STICKERBOT_QUEUE_BACKEND": "celery", "STICKERBOT_REDIS_URL": server.url,
-           "PYTHONPATH": str(ROOT)}
-    worker = Worker("outage", env, tmp_path / "outage.log")
+async def test_redis_down_at_submit_raises_and_writes_nothing(queue: CeleryJobQueue,
+                                                               cluster: Cluster) -> None:
+    before = await queue.counts()
+    cluster.redis.stop()
     try:
-        worker.wait_ready()
-        before = await queue.submit(JobKind.NOOP, user_id=5, payload={})
-        assert (await wait_finished(queue, [before.id], timeout=30))[before.id].state == JobState.SUCCEEDED
-
-        server.stop()
         with pytest.raises(QueueUnavailableError, match="try again"):
-            await queue.submit(JobKind.NOOP, user_id=5, payload={})
-        # Nothing was written for the refused job; the earlier one is intact.
-        jobs = await queue.list_for_user(5)
-        assert [j.id for j in jobs] == [before.id]
-        assert jobs[0].state == JobState.SUCCEEDED and await queue.undelivered() == [jobs[0]]
-
-        server.start()  # Redis is back: the worker reconnects, new jobs flow again
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                after = await queue.submit(JobKind.NOOP, user_id=5, payload={})
-                break
-            except QueueUnavailableError:
-                assert time.monotonic() < deadline, "Redis came back but submits still fail"
-                await asyncio.sleep(0.2)
-        final = await wait_finished(queue, [after.id], timeout=45)
-        assert final[after.id].state == JobState.SUCCEEDED
-        assert len(await queue.list_for_user(5)) == 2
+            await queue.submit(JobKind.NOOP, user_id=77, payload={})
+        assert await queue.list_for_user(77) == []
+        assert await queue.counts() == before
     finally:
-        worker.stop(signal.SIGKILL)
-        await queue.close()
-        server.stop()
+        cluster.redis.start()
+    job = await queue.submit(JobKind.NOOP, user_id=77, payload={})
+    assert (await wait_finished(queue, [job.id], timeout=60))[job.id].state == JobState.SUCCEEDED
+
+
+async def test_sigkilled_worker_job_is_redelivered_resumes_and_completes_once(
+        queue: CeleryJobQueue, cluster: Cluster) -> None:
+    style_id = "crash-style"
+    payload = {"style_id": style_id, "images": store_sticker_set(cluster.settings, "crash"),
+               "class_noun": "cat", "steps": 40, "seed": 3}
+    job = await queue.submit(JobKind.TRAIN, user_id=300, payload=payload)
+    # 1. wait until training is a good way in (a checkpoint every 2 steps on the tiny preset)
+    cursor, deadline = 0.0, time.monotonic() + 120
+    running = None
+    while running is None:
+        assert time.monotonic() < deadline, cluster.logs()
+        events, cursor = await queue.events_since(cursor, wait=1.0)
+        for event in events:
+            if event.job.id == job.id and event.job.state == JobState.RUNNING and event.job.progress >= 0.25:
+                running = event.job
+    checkpoint = cluster.settings.data_dir / "checkpoints" / job.id
+    assert checkpoint.is_dir() and any(checkpoint.iterdir())
+    # 2. SIGKILL the worker that runs it; a replacement with a short visibility timeout takes the
+    #    unacknowledged message back from Redis
+    victim = cluster.worker_running(running)
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    cluster.start_worker("w3", STICKERBOT_CELERY_VISIBILITY_TIMEOUT="3")
+    final = (await wait_finished(queue, [job.id], timeout=150))[job.id]
+    assert final.state == JobState.SUCCEEDED, (final.error, cluster.logs())
+    # 3. redelivered (2 attempts), resumed from the checkpoint, completed once
+    assert final.attempts == 2
+    assert final.result["resumed_from"] > 0
+    assert final.result["steps"] == 40
+    assert final.worker_id != running.worker_id
+    r = redis.Redis.from_url(cluster.settings.redis_url)
+    events = [fields for _id, fields in r.xrange(EVENTS_STREAM)
+              if fields[b"job_id"].decode() == job.id]
+    kinds = [e[b"type"].decode() for e in events]
+    assert kinds.count("succeeded") == 1 and kinds.count("started") == 2
+    assert (cluster.settings.data_dir / "styles" / style_id / "style.json").is_file()
+    assert not checkpoint.exists()
