@@ -190,6 +190,7 @@ class TrainingResult:
     timings: dict[str, float]
     losses: list[float] = field(default_factory=list)  # per step of this call
     resumed_from: int = 0  # the checkpoint's step, 0 for a fresh run
+    class_images_generated: int = 0  # 0 when the shared cache had them all
 
 
 # --- small pure helpers -------------------------------------------------------------------------
@@ -359,14 +360,15 @@ def _make_optimizer(params: list[dict[str, Any]], config: TrainingConfig) -> tor
 
 
 def lora_state_dicts(unet: Any, text_encoder: Any | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The training adapter in diffusers' key format (UNet, text encoder or None)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The training adapter's weights in PEFT key format (``...lora_A.weight``), which diffusers'
+    ``load_lora_weights`` reads as is. (``convert_state_dict_to_diffusers`` renames only the
+    attention keys to the old ``lora.down`` form; mixed with convolution keys the file then
+    loads without its attention weights.)"""
     from peft import get_peft_model_state_dict
 
     def export(module: Any) -> dict[str, Any]:
         sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-        return {k: v.detach().to("cpu", copy=True).contiguous()
-                for k, v in convert_state_dict_to_diffusers(sd).items()}
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
     return export(unet), (export(text_encoder) if text_encoder is not None else None)
 
@@ -442,13 +444,15 @@ def train_style(
 
         # 2. class-prior images (shared cache)
         class_imgs: list[Any] = []
+        class_generated = 0
         if config.with_prior_preservation:
             with timer("class_images"):
                 count = config.num_class_images or default_num_class_images(len(prepared))
-                class_imgs = ensure_class_images(
+                cached_class = ensure_class_images(
                     models, prompt=cls_prompt, count=count, cache_dir=class_cache_dir,
                     resolution=prepared.resolution, steps=config.class_image_steps,
-                    guidance=config.class_guidance).images
+                    guidance=config.class_guidance)
+                class_imgs, class_generated = cached_class.images, cached_class.generated
 
         # 3. cache latent distributions and prompt embeddings
         autocast, amp_dtype = _autocast(device, config.mixed_precision)
@@ -727,7 +731,7 @@ def train_style(
     return TrainingResult(
         style_dir=out_dir, info=info, loss=float(sum(tail) / len(tail)), steps=steps,
         seconds=total_seconds, timings={k: round(v, 4) for k, v in timer.totals.items()},
-        losses=losses, resumed_from=resumed_from,
+        losses=losses, resumed_from=resumed_from, class_images_generated=class_generated,
     )
 
 
