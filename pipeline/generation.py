@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,8 +199,11 @@ class StickerGenerator:
                 log.info("style %s was trained on %s, serving on %s", style.id,
                          style.info.base_model, self.diffusion.source)
             try:
-                self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
-                                            adapter_name=name)
+                with warnings.catch_warnings():
+                    # Several adapters side by side is this cache's design, not a mistake.
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
+                                                adapter_name=name)
             except Exception as exc:  # any failure to load is this style's fault
                 self._delete(name)
                 raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
@@ -266,7 +270,9 @@ class StickerGenerator:
             self._lcm_loaded = False
 
     def _activate(self, names: list[str], weights: list[float]) -> None:
-        if not self._loaded_names():
+        # A cheap look at the configs instead of a walk over every module (_loaded_names).
+        has_lora = any(getattr(m, "peft_config", None) for m in (self.pipe.unet, self.pipe.text_encoder))
+        if not has_lora:
             return
         if names:
             self.pipe.enable_lora()
@@ -274,28 +280,13 @@ class StickerGenerator:
         else:
             self.pipe.disable_lora()
 
-    # --- Generation -------------------------------------------------------------------------
-
-    def generate(self, image: Image.Image, *, prompt: str, negative_prompt: str | None,
-                 seeds: Sequence[int], style: StyleRef | None = None,
-                 params: GenerationParams = GenerationParams()) -> list[Image.Image]:
-        """One RGB image per seed, at ``image``'s size (see :func:`fit_to_model`).
-
-        ``style=None`` is the base model. Each seed gives the same image whatever else is
-        generated in the batch and whatever ran before.
-        """
-        import torch
+    def prepare(self, style: StyleRef | None, params: GenerationParams) -> tuple[Any, int, float]:
+        """Make ``style`` (None: the base model) the only active adapter, loading it on a cache
+        miss, and pick the scheduler: returns (pipeline, scheduler steps, guidance). ``generate``
+        calls it; it is public so the switch cost can be measured on its own."""
         from diffusers import LCMScheduler
 
-        if not 1 <= len(seeds) <= MAX_VARIANTS:
-            raise ValueError(f"between 1 and {MAX_VARIANTS} seeds, not {len(seeds)}")
-        w, h = image.size
-        if w % self.multiple or h % self.multiple:
-            raise ValueError(f"image size {w}x{h} is not a multiple of {self.multiple}: "
-                             "use fit_to_model first")
-        rgb = image.convert("RGB")
         with self._lock:
-            # 1. pick the pipeline and the adapters of this request
             names: list[str] = []
             weights: list[float] = []
             if style is not None and style.info.kind == "full":
@@ -313,7 +304,7 @@ class StickerGenerator:
                 names.append(LCM_ADAPTER)
                 weights.append(1.0)
             self._activate(names, weights)
-            # 2. schedule
+            # The scheduler of the mode.
             if params.fast:
                 if self._fast_scheduler is None:
                     self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
@@ -325,8 +316,33 @@ class StickerGenerator:
                 steps, guidance = params.steps, params.guidance
             # The trainer shares these modules and may leave them in train mode (LoRA dropout).
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-                module.eval()
-            # 3. denoise; CPU generators give the same noise on every device
+                if module.training:
+                    module.eval()
+            return pipe, steps, guidance
+
+    # --- Generation -------------------------------------------------------------------------
+
+    def generate(self, image: Image.Image, *, prompt: str, negative_prompt: str | None,
+                 seeds: Sequence[int], style: StyleRef | None = None,
+                 params: GenerationParams = GenerationParams()) -> list[Image.Image]:
+        """One RGB image per seed, at ``image``'s size (see :func:`fit_to_model`).
+
+        ``style=None`` is the base model. Each seed gives the same image whatever else is
+        generated in the batch and whatever ran before.
+        """
+        import torch
+
+        if not 1 <= len(seeds) <= MAX_VARIANTS:
+            raise ValueError(f"between 1 and {MAX_VARIANTS} seeds, not {len(seeds)}")
+        w, h = image.size
+        if w % self.multiple or h % self.multiple:
+            raise ValueError(f"image size {w}x{h} is not a multiple of {self.multiple}: "
+                             "use fit_to_model first")
+        rgb = image.convert("RGB")
+        with self._lock:
+            # 1. the pipeline, adapters and scheduler of this request
+            pipe, steps, guidance = self.prepare(style, params)
+            # 2. denoise; CPU generators give the same noise on every device
             generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
             with torch.inference_mode():
                 out = pipe(

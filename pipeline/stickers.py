@@ -24,9 +24,9 @@ MAX_STICKER_BYTES = 512 * 1024
 # Lossy qualities tried in order until the file fits. Even noisy 512x512 content is far under
 # 512 KB at 80, so the later steps are a safety net.
 WEBP_QUALITIES = (90, 80, 70, 60, 50, 40, 25, 10)
-# libwebp's effort, 0 (fastest) .. 6 (slowest, ~3x the time of 4 for a few % smaller files).
-# The request path never uses 6.
-WEBP_METHOD = 4
+# libwebp's effort, 0 (fastest) .. 6 (slowest). Measured on a 512-px sticker: 0 takes about half
+# the time of 2 and a quarter of 4 for files ~6% larger, far under the cap; 6 costs ~20x of 0.
+WEBP_METHOD = 0
 DEFAULT_EMOJI = "🙂"
 
 
@@ -70,9 +70,7 @@ def clear_faint_alpha(image: Image.Image, floor: int = 8) -> Image.Image:
     """Alpha below ``floor`` becomes 0, and fully transparent pixels get black RGB (they are
     invisible; uniform values let WEBP compress them away and keep stray colours out)."""
     arr = np.array(_rgba(image))
-    alpha = arr[..., 3]
-    alpha[alpha < floor] = 0
-    arr[alpha == 0] = 0
+    arr[arr[..., 3] < max(1, floor)] = 0  # one pass: alpha and colour together
     return Image.fromarray(arr, "RGBA")
 
 
