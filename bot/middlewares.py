@@ -14,7 +14,7 @@ from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextR
 from aiogram.exceptions import TelegramRetryAfter
 from aiogram.methods import GetUpdates, TelegramMethod
 from aiogram.methods.base import Response, TelegramType
-from aiogram.types import CallbackQuery, Message, TelegramObject, User
+from aiogram.types import CallbackQuery, Chat, Message, TelegramObject, User
 
 from bot.context import BotContext
 from bot.texts import pick_language, t
@@ -33,6 +33,9 @@ class ContextMiddleware(BaseMiddleware):
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         data["ctx"] = self.ctx
+        chat: Chat | None = data.get("event_chat")
+        if chat is not None and chat.type != "private":
+            return None  # a personal bot: replies go to the user's private chat only
         user: User | None = data.get("event_from_user")
         if user is None or user.is_bot:
             data["lang"] = self.ctx.settings.default_language

@@ -290,7 +290,7 @@ def t(lang: str | None, key: str, **values: object) -> str:
 def pick_language(stored: str | None, language_code: str | None, default: str) -> str:
     """The user's choice if any, else Telegram's ``language_code`` (ru*/en*), else ``default``."""
     if stored in LANGUAGES:
-        return stored  # type: ignore[return-value]
+        return stored
     code = (language_code or "").lower()
     for lang in LANGUAGES:
         if code == lang or code.startswith(lang + "-"):

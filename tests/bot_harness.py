@@ -17,6 +17,7 @@ from fake_bot_api import FakeBotAPI
 from PIL import Image
 
 from bot.app import BotApp, BotOptions
+from pipeline.queue.base import JobQueue
 from pipeline.settings import Settings
 
 FAST = BotOptions(album_delay=0.4, min_edit_interval=0.2, sweep_interval=0.5, polling_timeout=1)
@@ -39,6 +40,16 @@ def picture(seed: int, *, size: int = 64, fmt: str = "PNG", alpha: bool = False)
         img = img.convert("RGB")
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+async def wait_delivered(queue: JobQueue, *, seconds: float = 10.0) -> bool:
+    """Whether every finished job gets marked delivered within ``seconds`` (the bot marks a job
+    right after sending its outcome, so a test that saw the message may be a moment early)."""
+    for _ in range(int(seconds / 0.1)):
+        if not await queue.undelivered():
+            return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 def bot_settings(settings: Settings, fake: FakeBotAPI, token: str) -> Settings:

@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from bot_harness import bot_settings, picture, running_bot
+from bot_harness import bot_settings, picture, running_bot, wait_delivered
 from conftest import TEST_TOKEN
 from fake_bot_api import FakeBotAPI, FakeUser, user
 from PIL import Image
@@ -292,7 +292,7 @@ async def test_bot_restart_mid_training_still_delivers(fake: FakeBotAPI, setting
         async with running_bot(settings) as app:
             await fake.wait_text(80, "is ready and active", start=start)
             assert (await app.ctx.repo.list_styles(80, status="ready"))[0].class_noun == "robot"
-            assert not await queue.undelivered()
+            assert await wait_delivered(queue)
     finally:
         await queue.close()
 

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from bot_harness import bot_env, picture, start_process
+from bot_harness import bot_env, picture, start_process, wait_delivered
 from conftest import TEST_TOKEN
 from fake_bot_api import FakeBotAPI, user
 from PIL import Image
@@ -80,7 +80,7 @@ async def test_whole_story_with_a_bot_restart_mid_training(tmp_path: Path, tiny_
         # 4. the restarted bot announces the style when the worker finishes it
         await fake.wait_text(ann.id, "is ready and active", timeout=600, start=restart)
         assert (await queue.get(train_id)).state == JobState.SUCCEEDED
-        assert not await queue.undelivered()
+        assert await wait_delivered(queue)
         # 5. a photo comes back as a valid 512-px WEBP sticker with its buttons
         fake.send_photo(ann, fake.add_file(picture(9, size=96, fmt="JPEG")), width=96, height=96)
         await fake.wait_text(ann.id, "Drawing your sticker")

@@ -20,7 +20,7 @@ log = logging.getLogger("bot.errors")
 
 def user_message(lang: str, exc: BaseException, error_id: str) -> str:
     if isinstance(exc, DownloadError | InputError):
-        return t(lang, "image_rejected", reason=reason_text(lang, exc))  # type: ignore[arg-type]
+        return t(lang, "image_rejected", reason=reason_text(lang, exc))
     if isinstance(exc, QuotaExceededError):
         return str(exc)
     if isinstance(exc, QueueUnavailableError):
