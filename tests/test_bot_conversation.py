@@ -340,3 +340,17 @@ async def test_admin_stats(fake: FakeBotAPI, settings: Settings) -> None:
         fake.send_text(user(1), "/stats")
         call = await fake.wait_text(1, "Queue depth: 0")
         assert "Users: 2" in call.text and "Worker: no job finished yet" in call.text
+
+
+async def test_unexpected_error_answers_with_an_id_and_logs_context(
+        fake: FakeBotAPI, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    async with running_bot(settings):
+        fake.fail_next("sendMessage", code=500, description="Internal Server Error", retry_after=None)
+        fake.send_text(user(99), "/start")
+        call = await fake.wait_text(99, "error id")
+        error_id = call.text.split("error id ")[1].split(")")[0]
+        assert len(error_id) == 8
+    records = [r for r in caplog.records if error_id in r.getMessage()]
+    assert records and "from user 99" in records[0].getMessage()
+    assert records[0].exc_info is not None
+    assert all(TEST_TOKEN not in r.getMessage() for r in caplog.records)
