@@ -260,3 +260,32 @@ def test_bad_generate_arguments(diffusion, photo) -> None:
         gen.generate(photo, prompt="x", negative_prompt=None, seeds=[])
     with pytest.raises(ConfigError):
         StickerGenerator(diffusion, cache_size=0)
+
+
+def test_full_fine_tuned_style_swaps_the_unet(diffusion, styles, photo, tmp_path) -> None:
+    import copy
+    from dataclasses import replace
+
+    from pipeline.style import write_style_info
+
+    gen = StickerGenerator(diffusion, cache_size=2)
+    base = run(gen, photo, None)[0]
+    a = run(gen, photo, styles["a"])[0]
+    # A "fine-tuned" UNet: the base one with its output layer changed, saved as diffusers does.
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    unet = recurse_remove_peft_layers(copy.deepcopy(diffusion.unet))  # earlier tests' LoRA wrappers
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1.5)
+    unet.save_pretrained(tmp_path / "full" / "unet")
+    write_style_info(tmp_path / "full", replace(styles["a"].info, kind="full", rank=None))
+    full = StyleRef.open(tmp_path / "full")
+    tuned = run(gen, photo, full)[0]
+    assert not np.array_equal(tuned, base) and not np.array_equal(tuned, a)
+    assert np.array_equal(run(gen, photo, full)[0], tuned)
+    # LoRA styles and the base model are unaffected by the swap.
+    assert np.array_equal(run(gen, photo, styles["a"])[0], a)
+    assert np.array_equal(run(gen, photo, None)[0], base)
+    with pytest.raises(StyleError, match="fast mode"):
+        run(gen, photo, full, params=GenerationParams(fast=True))
+    gen.unload_all()
