@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from PIL import Image, ImageOps
 
@@ -141,11 +141,12 @@ class StickerGenerator:
         # DPM-Solver++ (2M): good images in 20-30 steps; its state resets at every set_timesteps.
         self._scheduler = DPMSolverMultistepScheduler.from_config(diffusion.scheduler_config)
         self._fast_scheduler: Any = None
-        self.pipe = StableDiffusionImg2ImgPipeline(
+        # Any: diffusers adds its LoRA and progress-bar methods through mixins mypy cannot see.
+        self.pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
             vae=diffusion.vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer,
             unet=diffusion.unet, scheduler=self._scheduler, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
-        )
+        ))
         self.pipe.set_progress_bar_config(disable=True)
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()
         self._full: OrderedDict[str, tuple[tuple[Any, ...], Any]] = OrderedDict()  # id -> (fp, pipe)
@@ -248,11 +249,11 @@ class StickerGenerator:
                              dtype=self.diffusion.dtype)
         except ModelNotFoundError as exc:
             raise StyleError(f"style {style.id!r}: its fine-tuned UNet cannot be loaded") from exc
-        pipe = StableDiffusionImg2ImgPipeline(
+        pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
             vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
             tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        ))
         pipe.set_progress_bar_config(disable=True)
         self._full[style.id] = (style.fingerprint, pipe)
         self.loads += 1
