@@ -115,6 +115,17 @@ def fit_to_model(image: Image.Image, *, resolution: int, multiple: int,
     return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
 
 
+class _NoTextEncoderLoraNotice(logging.Filter):
+    """diffusers warns on every load of a UNet-only LoRA that the text encoder got no keys: that
+    is the normal case for styles here, not something an operator should chase."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+_LORA_NOTICE_FILTER = _NoTextEncoderLoraNotice()
+
+
 @dataclass
 class _Adapter:
     name: str  # the peft adapter name inside the UNet (and text encoder)
@@ -148,6 +159,9 @@ class StickerGenerator:
             feature_extractor=None, requires_safety_checker=False,
         ))
         self.pipe.set_progress_bar_config(disable=True)
+        lora_log = logging.getLogger("diffusers.loaders.lora_base")
+        if _LORA_NOTICE_FILTER not in lora_log.filters:
+            lora_log.addFilter(_LORA_NOTICE_FILTER)
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()
         self._full: OrderedDict[str, tuple[tuple[Any, ...], Any]] = OrderedDict()  # id -> (fp, pipe)
         self._lcm_loaded = False
