@@ -65,7 +65,7 @@ def _env(data_dir: Path, zoo: Path, redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STICKERBOT_")}
     env.update(STICKERBOT_PRESET="tiny", STICKERBOT_DATA_DIR=str(data_dir), STICKERBOT_TINY_ZOO_DIR=str(zoo),
                STICKERBOT_DEVICE="cpu", STICKERBOT_DTYPE="float32", STICKERBOT_REDIS_URL=redis_url,
-               STICKERBOT_MAX_QUEUED_JOBS_PER_USER="100000", STICKERBOT_LOG_LEVEL="WARNING",
+               STICKERBOT_MAX_QUEUED_JOBS_PER_USER="100000",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return env
 

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, signals
@@ -48,6 +48,9 @@ from pipeline.queue.celery import (
     job_key,
 )
 from pipeline.settings import Settings, env_name
+
+if TYPE_CHECKING:
+    from pipeline.jobs import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ def create_app(settings: Settings) -> Celery:
         },
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    app.stickerbot_settings = settings  # type: ignore[attr-defined]  # read by the worker hooks
+    app.stickerbot_settings = settings  # read by the worker hooks
     app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)(_run_job_task)
     _connect_worker_signals(app)
     return app
@@ -153,7 +156,8 @@ class WorkerRuntime:
 
     def emit(self, event_type: str, job_id: str, **fields: Any) -> None:
         """One event for the bot's reader (see pipeline.queue.celery)."""
-        entry = {"type": event_type, "job_id": job_id, "worker": self.worker_id, "ts": f"{time.time():.6f}"}
+        entry: dict[Any, Any] = {"type": event_type, "job_id": job_id, "worker": self.worker_id,
+                                 "ts": f"{time.time():.6f}"}
         entry.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
         self.redis.xadd(EVENTS_STREAM, entry, maxlen=EVENTS_MAXLEN, approximate=True)
 
@@ -161,20 +165,20 @@ class WorkerRuntime:
 def _runtime(app: Celery) -> WorkerRuntime:
     runtime = getattr(app, "stickerbot_runtime", None)
     if runtime is None:
-        settings: Settings = app.stickerbot_settings  # type: ignore[attr-defined]
+        settings: Settings = app.stickerbot_settings
         runtime = WorkerRuntime(
             settings=settings,
             worker_id=f"{socket.gethostname()}/{os.getpid()}",
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3.0, socket_timeout=30.0),
         )
-        app.stickerbot_runtime = runtime  # type: ignore[attr-defined]
+        app.stickerbot_runtime = runtime
     return runtime
 
 
 def _start_worker(app: Celery) -> None:
     from pipeline.monitoring import configure_logging, start_metrics_server
 
-    settings: Settings = app.stickerbot_settings  # type: ignore[attr-defined]
+    settings: Settings = app.stickerbot_settings
     configure_logging(settings.log_level)
     runtime = _runtime(app)
     if settings.metrics_port:
@@ -262,7 +266,7 @@ class JobHooks:
         self._last_progress = now
         self.runtime.emit("progress", self.job_id, fraction=f"{fraction:.4f}", message=message)
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopRequest:
         if self.runtime.stopping.is_set():
             return "yield"
         now = time.monotonic()
@@ -377,11 +381,18 @@ def run_handler(runtime: WorkerRuntime, job: Job, hooks: JobHooks) -> dict[str, 
     from pipeline.jobs import run_job
     from pipeline.worker import free_accelerator_memory, is_out_of_memory
 
+    resident = runtime.resident()
     while True:
         low_memory = job.id in runtime.low_memory
+        loads = resident.stickers.generator.loads
         try:
-            return run_job(job, runtime.resident(), should_stop=hooks.should_stop,
-                           progress=hooks.progress, low_memory=low_memory)
+            result = run_job(job, resident, should_stop=hooks.should_stop, progress=hooks.progress,
+                             low_memory=low_memory)
+            if job.kind == JobKind.STICKER:
+                from pipeline.monitoring import default_metrics
+
+                default_metrics().record_adapter_lookup(hit=resident.stickers.generator.loads == loads)
+            return result
         except Exception as exc:
             if not is_out_of_memory(exc) or low_memory:
                 raise
@@ -429,4 +440,35 @@ def _discard_outputs(runtime: WorkerRuntime, job: Job) -> None:
     shutil.rmtree(data.root / RESULTS / job.id, ignore_errors=True)
 
 
-__all__ = ["QUEUES", "CelerySettings", "JobHooks", "WorkerRuntime", "create_app", "load_celery_settings"]
+def check_broker(settings: Settings, *, within: float = 2.0) -> tuple[bool, str]:
+    """For ``stickerbot doctor``: whether Redis answers and which Celery workers reply to a ping
+    (a worker busy with a job in the solo pool replies only after it). Returns (ok, description)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=within, socket_timeout=within)
+    try:
+        client.ping()
+        waiting = {queue: int(client.llen(queue)) for queue in QUEUES}
+    except redis.RedisError as exc:
+        return False, f"Redis at {_safe_url(settings.redis_url)} cannot be reached ({exc.__class__.__name__})"
+    finally:
+        client.close()
+    app = create_app(settings)
+    try:
+        replies = app.control.ping(timeout=within) or []
+    finally:
+        app.close()
+    workers = sorted(name for reply in replies for name in reply)
+    queued = ", ".join(f"{q} {n}" for q, n in waiting.items())
+    if not workers:
+        return False, (f"Redis ok ({queued} waiting) but no Celery worker answered within {within:.0f} s; "
+                       "start one: celery -A pipeline.celery_app worker --pool solo -Q sticker,train")
+    return True, f"Redis ok ({queued} waiting); workers: {', '.join(workers)}"
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password."""
+    _credentials, sep, tail = url.rpartition("@")
+    return f"{url.split('://', 1)[0]}://***@{tail}" if sep else url
+
+
+__all__ = ["QUEUES", "CelerySettings", "JobHooks", "WorkerRuntime", "check_broker", "create_app",
+           "load_celery_settings"]

@@ -281,6 +281,14 @@ async def test_two_workers_run_100_noop_jobs_each_exactly_once(queue: CeleryJobQ
         assert stored is not None and stored.result == {} and stored.finished_at is not None
 
 
+def test_doctor_check_lists_the_live_workers(cluster: Cluster) -> None:
+    from pipeline.celery_app import check_broker
+
+    ok, text = check_broker(cluster.settings, within=3.0)
+    assert ok, text
+    assert "w1@" in text and "w2@" in text and "sticker 0" in text
+
+
 async def test_redis_down_at_submit_raises_and_writes_nothing(queue: CeleryJobQueue,
                                                                cluster: Cluster) -> None:
     before = await queue.counts()

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.celery_app import (
     DEFAULT_VISIBILITY_TIMEOUT,
+    check_broker,
     create_app,
     job_from_message,
     load_celery_settings,
@@ -52,6 +53,16 @@ def test_app_delivers_at_least_once_one_job_at_a_time(tiny_settings: Settings) -
     assert TASK_NAME in app.tasks
     assert conf.broker_url == tiny_settings.redis_url
     assert set(QUEUE_FOR_KIND.values()) == {"sticker", "train"}
+
+
+def test_doctor_check_names_an_unreachable_redis_without_its_password(tiny_settings: Settings) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    settings = tiny_settings.model_copy(update={"redis_url": f"redis://:s3cret@127.0.0.1:{port}/0"})
+    ok, text = check_broker(settings, within=1.0)
+    assert not ok and "cannot be reached" in text and f"127.0.0.1:{port}" in text
+    assert "s3cret" not in text
 
 
 def test_visibility_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings) -> None:

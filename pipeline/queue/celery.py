@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from pipeline.errors import JobError, QueueUnavailableError
+from pipeline.monitoring import default_metrics
 from pipeline.queue.base import Job, JobKind, JobState
 from pipeline.queue.sqlite import _STAMP, SqliteJobQueue, job_from_row
 from pipeline.settings import Settings
@@ -92,7 +93,7 @@ class CeleryJobQueue(SqliteJobQueue):
         self.applied_events = 0  # for tests and metrics
 
     @classmethod
-    async def from_settings(cls, settings: Settings, **options: Any) -> CeleryJobQueue:  # type: ignore[override]
+    async def from_settings(cls, settings: Settings, **options: Any) -> CeleryJobQueue:
         """Open the database, connect to Redis lazily and start the one event reader."""
         from pipeline.celery_app import create_app
 
@@ -123,6 +124,7 @@ class CeleryJobQueue(SqliteJobQueue):
         try:
             await asyncio.wait_for(self.redis.ping(), self.publish_timeout)
         except (RedisError, OSError, TimeoutError) as exc:
+            default_metrics().queue_unavailable.inc()
             raise QueueUnavailableError(
                 "the job queue (Redis) cannot be reached right now; try again in a minute") from exc
         # 2. the record, with the embedded backend's caps and quotas
@@ -136,8 +138,10 @@ class CeleryJobQueue(SqliteJobQueue):
             if await self._start(job.id, worker, attempt=1) is not None:
                 await super().fail(job.id, worker, "the job queue was unavailable; nothing ran")
             await self.mark_delivered(job.id)  # the user got "busy, try again" instead
+            default_metrics().queue_unavailable.inc()
             raise QueueUnavailableError(
                 "the job queue (Redis) cannot be reached right now; try again in a minute") from exc
+        default_metrics().jobs_submitted.labels(kind=kind.value).inc()
         return job
 
     def _publish(self, job: Job) -> None:
@@ -219,8 +223,9 @@ class CeleryJobQueue(SqliteJobQueue):
         await self._ensure_group()
         applied = 0
         for start in ("0", ">"):
-            reply = await self.reader_redis.xreadgroup(EVENTS_GROUP, self.consumer, {EVENTS_STREAM: start},
-                                                count=count, block=None if start == "0" else block_ms)
+            reply: Any = await self.reader_redis.xreadgroup(
+                EVENTS_GROUP, self.consumer, {EVENTS_STREAM: start}, count=count,
+                block=None if start == "0" else block_ms)
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     if not fields:  # a pending entry trimmed away meanwhile
