@@ -256,6 +256,7 @@ class _ModuleState:
     requires_grad: dict[str, bool]
     had_peft: bool
     checkpointing: bool
+    lora_layers: list[tuple[Any, list[str], bool]]  # (layer, active adapters, disabled) of loaded LoRAs
 
 
 def _checkpointing(module: Any) -> bool:
@@ -266,7 +267,12 @@ def _checkpointing(module: Any) -> bool:
 
 
 def _module_state(module: Any) -> _ModuleState:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(m, list(m.active_adapters), bool(m.disable_adapters))
+              for m in module.modules() if isinstance(m, BaseTunerLayer)]
     return _ModuleState(
+        lora_layers=layers,
         device=next(module.parameters()).device,
         training=module.training,
         requires_grad={n: p.requires_grad for n, p in module.named_parameters()},
@@ -295,6 +301,11 @@ def _remove_adapter(module: Any, state: _ModuleState) -> None:
 
 def _restore(module: Any, state: _ModuleState) -> None:
     _remove_adapter(module, state)
+    # adapters the worker had loaded (served styles): the same ones active or disabled as before
+    for layer, active, disabled in state.lora_layers:
+        if active:
+            layer.set_adapter(active)
+        layer.enable_adapters(not disabled)
     if not state.checkpointing and _checkpointing(module):
         if hasattr(module, "disable_gradient_checkpointing"):
             module.disable_gradient_checkpointing()

@@ -4,6 +4,7 @@ subprocess killed by SIGKILL."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -294,3 +295,33 @@ def test_resume_after_sigkill_matches_uninterrupted_run(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_adapters_loaded_by_the_worker_survive_training(
+        models: DiffusionModels, prepared: PreparedSet, tmp_path: Path) -> None:
+    """The worker keeps served styles loaded on the same UNet: training must neither train them
+    nor leave them switched off, and must not leave its own adapter behind."""
+    config = TrainingConfig(steps=2, rank=4, batch_size=1, with_prior_preservation=False, seed=2)
+    train_style(models, prepared, config, out_dir=tmp_path / "served", work_dir=tmp_path / "w1",
+                class_cache_dir=tmp_path / "cls")
+    # give the served adapter a visible effect, as a trained style has
+    pipe = _pipe(models)
+    pipe.load_lora_weights(tmp_path / "served", adapter_name="served")
+    with torch.no_grad():
+        for name, p in models.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01)
+    served_before = _unet_probe(models)
+    served_params = {n: (p.clone(), p.requires_grad) for n, p in models.unet.named_parameters()
+                     if "served" in n}
+    result = train_style(models, prepared, dataclasses.replace(config, seed=3),
+                         out_dir=tmp_path / "new", work_dir=tmp_path / "w2", class_cache_dir=tmp_path / "cls")
+    assert result.steps == 2
+    assert set(models.unet.peft_config) == {"served"}
+    assert models.unet.active_adapters() == ["served"]
+    assert torch.equal(_unet_probe(models), served_before)
+    for name, p in models.unet.named_parameters():
+        if "served" in name:
+            value, requires_grad = served_params[name]
+            assert torch.equal(p, value) and p.requires_grad == requires_grad
+    pipe.delete_adapters("served")
