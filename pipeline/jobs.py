@@ -177,8 +177,8 @@ def run_sticker(job: Job, resident: Resident, *, should_stop: ShouldStop, progre
     if not isinstance(variants, int) or not isinstance(seed, int):
         raise InputError("sticker variants and seed must be integers")
     # The tiny preset (random weights, CPU tests) needs no more than a few denoising steps.
-    steps = {"steps": 8} if resident.settings.preset == "tiny" else {}
-    options = StickerOptions(seed=seed, variants=variants, fast=bool(payload.get("fast", False)), **steps)
+    options = StickerOptions(seed=seed, variants=variants, fast=bool(payload.get("fast", False)),
+                             steps=8 if resident.settings.preset == "tiny" else StickerOptions.steps)
     ref = StyleRef.open(style_dir, style_id=style_id)
     try:
         photo = photo_path.read_bytes()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import CancelledError, JobError, StickerbotError, TrainingPreempted
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
 from pipeline.queue.base import Job, JobKind, JobQueue, JobState
+from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.storage.files import DataDir
 
 if TYPE_CHECKING:
@@ -152,8 +153,12 @@ class Worker:
             if job is None:
                 await self._wait_for_work(idle_wait)
                 continue
-            self.outcomes.append(await self.run_claimed(job))
+            outcome = await self.run_claimed(job)
+            self.outcomes.append(outcome)
             runs += 1
+            if outcome.state != "released":
+                # A job cancelled while it waited released leaves its checkpoint behind.
+                await self.discard_stale_checkpoints()
         return self.outcomes
 
     async def _wait_for_work(self, seconds: float) -> None:
@@ -272,7 +277,10 @@ class Worker:
             if lost:
                 return Outcome(job.id, "lost", "lease lost; checkpoint kept")
             why = "paused: the worker is restarting" if self.stopping else "paused for a sticker"
-            await self.queue.release(job.id, self.worker_id, message=why)
+            if isinstance(self.queue, SqliteJobQueue):
+                await self.queue.release(job.id, self.worker_id, message=why)
+            else:
+                await self.queue.release(job.id, self.worker_id)
             log.info("job %s: released at %s (%s)", job.id, f"{exc.step}/{exc.total}", why)
             return Outcome(job.id, "released", why)
         self._low_memory.discard(job.id)
