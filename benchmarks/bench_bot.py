@@ -36,6 +36,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -94,9 +100,13 @@ async def run() -> None:
         # 1. the background load: a training job on a real worker (or a busy CPU without one)
         job_id = await queue_training_job(data_dir)
         if has_worker_command():
-            background = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,  # noqa: ASYNC220
-                                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            load = "a training job on `stickerbot worker` (tiny preset)"
+            # Started as `stickerbot run` starts it (at a lower CPU priority than the bot).
+            from pipeline.commands.run import start_worker
+            from pipeline.settings import load_settings
+
+            background = start_worker(load_settings(data_dir=data_dir, preset="tiny"), env=env,
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            load = "a training job on `stickerbot worker` (tiny preset, started as `stickerbot run` does)"
         else:
             background = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: ASYNC220
             load = "a busy CPU (no `stickerbot worker` command yet)"
@@ -119,6 +129,10 @@ async def run() -> None:
                     await asyncio.sleep(0.1)
                 await queue.close()
             # 3. the users: USERS distinct users, each /start once, spread over SPREAD_SECONDS
+            idle_cpu = cpu_seconds(bot.pid)
+            await asyncio.sleep(2.0)
+            idle_cpu = (cpu_seconds(bot.pid) - idle_cpu) / 2.0
+            busy_cpu = cpu_seconds(bot.pid)
             rng = random.Random(0)
             offsets = sorted(rng.uniform(0, SPREAD_SECONDS) for _ in range(USERS))
             first_call = len(fake.calls)
@@ -142,6 +156,7 @@ async def run() -> None:
             latencies = [(replies[i.user_id] - i.at) * 1000 for i in fake.injected
                          if 1000 <= i.user_id < 1000 + USERS and i.user_id in replies]
             lost = USERS - len(latencies)
+            busy_cpu = cpu_seconds(bot.pid) - busy_cpu
             current, peak = rss_mb(bot.pid)
             job_state = "?"
             if job_id:
@@ -172,6 +187,8 @@ async def run() -> None:
         slow = sorted(latencies)[-5:]
         print(f"replies over 100 ms: {sum(v > 100 for v in latencies)}; slowest: "
               + ", ".join(f"{v:.0f}" for v in slow))
+    print(f"bot CPU: {idle_cpu * 100:.1f}% of a core when idle; {busy_cpu * 1000 / USERS:.1f} ms per "
+          f"/start under load (including its idle share)")
     print(f"updates lost: {lost} of {USERS} (goal 0: {'met' if lost == 0 else 'NOT met'})")
     print(f"bot RSS: {current:.0f} MB now, {peak:.0f} MB peak "
           f"(goal < 200 MB: {'met' if peak < 200 else 'NOT met'})")

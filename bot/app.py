@@ -54,6 +54,7 @@ class BotOptions:
     polling_timeout: int = 10  # getUpdates long-polling timeout
     throttle_rate: float = 3.0  # updates per second per user, sustained
     throttle_burst: float = 20.0
+    queue_poll_interval: float = 0.1  # seconds between looks for the worker's job updates
 
 
 class TokenFilter(logging.Filter):
@@ -123,6 +124,10 @@ class BotApp:
         conn = await open_database(settings.db_path)
         repo = Repository(conn)
         queue = await open_queue(settings)
+        if hasattr(queue, "poll_interval"):
+            # The SQLite queue looks for other processes' commits this often. Progress messages
+            # need no 10 ms reaction; the bot's CPU goes to answering users instead.
+            queue.poll_interval = options.queue_poll_interval
         data = DataDir(settings.data_dir)
         notifier = Notifier(bot, queue=queue, repo=repo, data=data, settings=settings,
                             min_edit_interval=options.min_edit_interval,
@@ -136,6 +141,8 @@ class BotApp:
     async def run(self, *, handle_signals: bool = False) -> None:
         """Poll until :meth:`stop` (or a signal, with ``handle_signals``); then shut down cleanly."""
         install_token_filter(self.bot.token)
+        # One INFO line per update is noise at any real volume; errors still show.
+        logging.getLogger("aiogram.event").setLevel(max(logging.WARNING, logging.getLogger().level))
         try:
             me = await self.bot.get_me()
             self.ctx.bot_username = me.username or ""

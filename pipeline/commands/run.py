@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 from pipeline.settings import Settings
 
@@ -19,6 +21,7 @@ log = logging.getLogger("stickerbot.run")
 
 WORKER_RESTART_DELAY = 5.0
 WORKER_STOP_TIMEOUT = 60.0  # a training step is allowed to finish and save
+WORKER_NICENESS = 10  # the bot answers users first; the worker takes the rest of the CPU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +34,21 @@ def worker_command(settings: Settings) -> list[str]:
             "--data-dir", str(settings.data_dir)]
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    # The worker inherits the environment (and so .env-derived variables set by the operator);
-    # its own process group, so a Ctrl+C in the terminal reaches it only through us.
-    return subprocess.Popen(worker_command(settings), env=dict(os.environ), start_new_session=True)
+def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
+                 **popen: Any) -> subprocess.Popen[bytes]:
+    """One ``stickerbot worker`` at a lower CPU priority than the bot.
+
+    On a shared CPU (no GPU, or a small box) model code would otherwise take every core and the
+    bot would answer late; niced, the worker gets what the bot leaves. It inherits the
+    environment (the operator's variables), in its own session, so a Ctrl+C in the terminal
+    reaches it only through us."""
+    proc = subprocess.Popen(worker_command(settings), env=dict(os.environ if env is None else env),
+                            start_new_session=True, **popen)
+    # Linux niceness is per thread and inherited by threads created later: set it right away,
+    # long before the worker imports torch and starts its thread pools.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICENESS)
+    return proc
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
