@@ -250,7 +250,23 @@ async def test_sigkill_mid_training_resumes_on_another_worker(
                 return (await state_of(queue, job.id)).state.finished
 
             await until(finished, within=150, what="the second worker to finish", log=log2)
+
+            # Cancelling a running training job stops it at its next step: no style, no checkpoint.
+            doomed = await queue.submit(TRAIN, 1, {**payload, "style_id": "style2", "steps": 500})
+
+            async def checkpointed() -> bool:
+                return (data.root / "checkpoints" / doomed.id / "checkpoint.pt").is_file()
+
+            await until(checkpointed, within=60, what="the second job's checkpoint", log=log2)
+            await queue.cancel(doomed.id, user_id=1)
+
+            async def cancelled() -> bool:
+                return (await state_of(queue, doomed.id)).state == JobState.CANCELLED
+
+            await until(cancelled, within=30, what="the cancelled training to stop", log=log2)
             assert stop(second) == 0
+        assert not (data.root / "checkpoints" / doomed.id).exists()
+        assert not (data.root / "styles" / "style2").exists()
         assert "resuming training from step" in log2.read_text()
     done = await state_of(queue, job.id)
     assert done.state == JobState.SUCCEEDED, done.error
