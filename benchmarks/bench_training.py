@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,10 +106,13 @@ def _sd15_models(device: torch.device, dtype: torch.dtype, resolution: int):  # 
     from pipeline.models import DiffusionModels
     from pipeline.zoo import build_clip_tokenizer
 
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD15.text_encoder))
+    # Any: diffusers' and transformers' module methods are invisible to mypy
+    unet: Any = UNet2DConditionModel(**SD15.unet)
+    vae: Any = AutoencoderKL(**SD15.vae)
+    text: Any = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD15.text_encoder))
     return DiffusionModels(
-        unet=UNet2DConditionModel(**SD15.unet).to(device, dtype).eval().requires_grad_(False),
-        vae=AutoencoderKL(**SD15.vae).to(device, dtype).eval().requires_grad_(False),
+        unet=unet.to(device, dtype).eval().requires_grad_(False),
+        vae=vae.to(device, dtype).eval().requires_grad_(False),
         text_encoder=text.to(device, dtype).eval().requires_grad_(False),
         tokenizer=build_clip_tokenizer(), scheduler_config=dict(SD15.scheduler), source="random-sd15",
         resolution=resolution, device=device, dtype=dtype)

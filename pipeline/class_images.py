@@ -79,7 +79,7 @@ def base_model_only(*modules: Any) -> Iterator[None]:
 def _pipeline(models: DiffusionModels) -> Any:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(  # Any: diffusers' mixins are invisible to mypy
         vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
         unet=models.unet, scheduler=DPMSolverMultistepScheduler.from_config(models.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -96,7 +96,7 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 class TrainingConfig:
     rank: int = 16
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS  # UNet module names that get a LoRA
-    lora_alpha: float | None = None  # None = rank (scale 1); else saved as metadata with the file
+    lora_alpha: int | None = None  # None = rank (scale 1); else saved as metadata with the file
     lr: float = 1e-4
     text_encoder_lr: float | None = None  # None = lr
     warmup_steps: int | None = None  # None = 5% of the steps, at most 100
@@ -157,8 +157,8 @@ class TrainingConfig:
             raise ValueError("invalid TrainingConfig: " + "; ".join(problems))
 
     @property
-    def alpha(self) -> float:
-        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+    def alpha(self) -> int:
+        return self.rank if self.lora_alpha is None else self.lora_alpha
 
     def low_memory(self) -> TrainingConfig:
         """The same run in less memory (the worker's retry after CUDA out-of-memory)."""
@@ -442,7 +442,7 @@ def train_style(
             kind="full" if config.full_finetune else "lora", resolution=prepared.resolution,
             steps=at_step, seed=config.seed, train_set_sha256=prepared.sha256,
             rank=None if config.full_finetune else config.rank,
-            lora_alpha=None if config.full_finetune else config.alpha,
+            lora_alpha=None if config.full_finetune else float(config.alpha),
             text_encoder_trained=config.train_text_encoder, num_images=len(prepared),
             timings={k: round(v, 3) for k, v in timer.totals.items()},
             extra={"config": dataclasses.asdict(config), "images": prepared.names,
@@ -500,7 +500,8 @@ def train_style(
                 vae.to("cpu")
                 if not config.train_text_encoder:
                     text_encoder.to("cpu")
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
         # 4. trainable parameters, optimizer, schedule
         from diffusers import DDPMScheduler

@@ -187,7 +187,8 @@ def test_yield_resumes_to_identical_weights_and_cancel_leaves_nothing(
     from safetensors.torch import load_file
 
     config = TrainingConfig(steps=6, lr=1e-3, rank=4, batch_size=1, num_class_images=2,
-                            class_image_steps=2, checkpoint_every=2, warmup_steps=2, seed=5)
+                            class_image_steps=2, checkpoint_every=2, warmup_steps=2, seed=5,
+                            save_intermediate_every=2)
     cache = tmp_path / "class-images"
     kwargs = {"class_cache_dir": cache}
 
@@ -212,6 +213,10 @@ def test_yield_resumes_to_identical_weights_and_cancel_leaves_nothing(
     for key in a:
         assert torch.equal(a[key], b[key]), key
     np.testing.assert_allclose(resumed.losses, full.losses[3:], rtol=0, atol=0)
+    # intermediate adapters from both slices of the interrupted run, each a loadable style
+    for step in (2, 4):
+        assert read_style(tmp_path / "b" / "intermediate" / f"step-{step}").steps == step
+    assert not (tmp_path / "wb" / "intermediate").exists()
 
     # "cancel" after a checkpoint: CancelledError, checkpoint removed, no style
     count: list[int] = []
