@@ -304,6 +304,38 @@ async def test_redis_down_at_submit_raises_and_writes_nothing(queue: CeleryJobQu
     assert (await wait_finished(queue, [job.id], timeout=60))[job.id].state == JobState.SUCCEEDED
 
 
+async def test_cancel_stops_a_running_job_on_its_worker(queue: CeleryJobQueue, cluster: Cluster) -> None:
+    job = await queue.submit(JobKind.NOOP, user_id=88, payload={"sleep": 60})
+    cursor, deadline = 0.0, time.monotonic() + 30
+    while (await queue.get(job.id)).state != JobState.RUNNING:
+        assert time.monotonic() < deadline
+        _events, cursor = await queue.events_since(cursor, wait=0.5)
+    asked = time.monotonic()
+    cancelling = await queue.cancel(job.id, user_id=88)
+    assert cancelling.cancel_requested and cancelling.state == JobState.RUNNING
+    final = (await wait_finished(queue, [job.id], timeout=30))[job.id]
+    assert final.state == JobState.CANCELLED and final.error == "cancelled by its owner"
+    assert time.monotonic() - asked < 10, "the worker's cancel check stops a job within seconds"
+
+
+async def test_sigterm_gives_the_running_job_back_at_once(queue: CeleryJobQueue, cluster: Cluster) -> None:
+    job = await queue.submit(JobKind.NOOP, user_id=89, payload={"sleep": 6})
+    cursor, deadline = 0.0, time.monotonic() + 30
+    while (running := await queue.get(job.id)).state != JobState.RUNNING:
+        assert time.monotonic() < deadline
+        _events, cursor = await queue.events_since(cursor, wait=0.5)
+    stopping = cluster.worker_running(running)
+    stopping.proc.send_signal(signal.SIGTERM)  # warm shutdown: the job yields at its next step
+    assert stopping.proc.wait(30) == 0
+    final = (await wait_finished(queue, [job.id], timeout=60))[job.id]
+    assert final.state == JobState.SUCCEEDED
+    assert final.worker_id != running.worker_id  # finished by the other worker
+    assert final.attempts == 1  # a graceful stop does not count as an attempt
+    r = redis.Redis.from_url(cluster.settings.redis_url)
+    kinds = [f[b"type"].decode() for _id, f in r.xrange(EVENTS_STREAM) if f[b"job_id"].decode() == job.id]
+    assert kinds.count("released") == 1 and kinds.count("started") == 2 and kinds.count("succeeded") == 1
+
+
 async def test_sigkilled_worker_job_is_redelivered_resumes_and_completes_once(
         queue: CeleryJobQueue, cluster: Cluster) -> None:
     style_id = "crash-style"
