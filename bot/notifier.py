@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiogram import Bot
@@ -24,7 +25,7 @@ from aiogram.types import FSInputFile
 
 from bot.keyboards import sticker_keyboard
 from bot.texts import t
-from pipeline.queue.base import Job, JobKind, JobQueue, JobState
+from pipeline.queue.base import Job, JobKind, JobQueue, JobState, QueuePosition
 from pipeline.settings import Settings
 from pipeline.storage.files import DataDir
 from pipeline.storage.repository import Repository
@@ -43,6 +44,8 @@ class Tracked:
     text: str
     edited_at: float
     pending: str | None = None  # a newer text waiting for the rate limit
+    # While the job waits: its text for a queue position (position, ETA seconds); None once it runs.
+    queued: Callable[[QueuePosition], str] | None = None
 
 
 def progress_text(lang: str, job: Job, style_name: str) -> str:
@@ -79,8 +82,26 @@ class Notifier:
         self.delivered = 0
 
     # --- called by handlers ---------------------------------------------------------------
-    def track(self, job_id: str, chat_id: int, message_id: int, text: str) -> None:
-        self.tracked[job_id] = Tracked(chat_id, message_id, text, time.monotonic())
+    def track(self, job_id: str, chat_id: int, message_id: int, text: str, *,
+              queued: Callable[[QueuePosition], str] | None = None) -> None:
+        """Keep ``message_id`` updated for ``job_id``; ``queued`` renders the waiting text for a
+        queue position, refreshed as the queue moves."""
+        self.tracked[job_id] = Tracked(chat_id, message_id, text, time.monotonic(), queued=queued)
+
+    async def refresh_positions(self, only: str | None = None) -> None:
+        """Queue position and ETA of waiting jobs (or just ``only``), into their messages when
+        the text changes."""
+        for job_id, tracked in list(self.tracked.items()):
+            if tracked.queued is None or (only is not None and job_id != only):
+                continue
+            job = await self.queue.get(job_id)
+            if job is None or job.state != JobState.QUEUED:
+                tracked.queued = None
+                continue
+            text = tracked.queued(await self.queue.position(job_id))
+            if text != tracked.text:
+                tracked.pending = text
+                await self._edit_if_due(tracked)
 
     async def lang_of(self, user_id: int) -> str:
         user = await self.repo.get_user(user_id)
@@ -114,6 +135,7 @@ class Notifier:
             await self._guard(self.flush_edits())
             if finished or time.monotonic() - self._last_sweep >= self.sweep_interval:
                 await self._guard(self.sweep())
+                await self._guard(self.refresh_positions())
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -138,6 +160,8 @@ class Notifier:
         lang = await self.lang_of(job.user_id)
         text = progress_text(lang, job, style.name)
         tracked = self.tracked.get(job.id)
+        if tracked is not None:
+            tracked.queued = None
         if tracked is None:
             if job.kind != JobKind.TRAIN:
                 return  # sticker jobs are short; their "drawing" message is enough

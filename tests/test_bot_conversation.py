@@ -354,3 +354,24 @@ async def test_unexpected_error_answers_with_an_id_and_logs_context(
     assert records and "from user 99" in records[0].getMessage()
     assert records[0].exc_info is not None
     assert all(TEST_TOKEN not in r.getMessage() for r in caplog.records)
+
+
+async def test_waiting_job_shows_its_queue_position_and_moves_up(fake: FakeBotAPI,
+                                                                 settings: Settings) -> None:
+    queue = await SqliteJobQueue.from_settings(settings)
+    worker = QueueWorker(queue, settings.data_dir)
+    try:
+        # someone else's two training jobs are ahead
+        for other in (501, 502):
+            await queue.submit(JobKind.TRAIN, other, {"style_id": "x", "images": [], "class_noun": "cat",
+                                                      "steps": None, "seed": 0})
+        async with running_bot(settings):
+            ann = user(71)
+            await send_stickers(fake, ann, 3)
+            fake.send_text(ann, "/train cat")
+            await fake.wait_text(71, "is queued: position 3")
+            first = await worker.claim(JobKind.TRAIN)
+            await queue.fail(first, "test-worker", "gone")
+            await fake.wait_text(71, "is queued: position 2")
+    finally:
+        await queue.close()

@@ -19,7 +19,7 @@ from bot.drafts import reason_text
 from bot.keyboards import style_pick_keyboard
 from bot.texts import t
 from pipeline.errors import ImageError, QueueUnavailableError, QuotaExceededError
-from pipeline.queue.base import JobKind
+from pipeline.queue.base import JobKind, QueuePosition
 from pipeline.storage.repository import Sticker, Style
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,14 @@ async def submit_sticker(bot: Bot, ctx: BotContext, lang: str, user_id: int, sty
         await message.edit_text(t(lang, "queue_unavailable"))
         return False
     text = t(lang, "sticker_queued", name=style.name, position=1, eta="")
-    ctx.notifier.track(job.id, user_id, message.message_id, text)
-    # 3. the queue position, when it is not simply "next"
-    position = await ctx.queue.position(job.id)
-    if position.position > 1:
-        new = t(lang, "sticker_queued", name=style.name, position=position.position,
-                eta=eta_text(lang, position.eta_seconds))
-        tracked = ctx.notifier.tracked.get(job.id)
-        if tracked is not None and tracked.text == text:
-            tracked.text = new
-            await message.edit_text(new)
+
+    def waiting(position: QueuePosition) -> str:
+        return t(lang, "sticker_queued", name=style.name, position=max(1, position.position),
+                 eta=eta_text(lang, position.eta_seconds))
+
+    ctx.notifier.track(job.id, user_id, message.message_id, text, queued=waiting)
+    # 3. the real position and ETA now; the notifier refreshes them while the job waits
+    await ctx.notifier.refresh_positions(job.id)
     return True
 
 

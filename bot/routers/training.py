@@ -18,7 +18,7 @@ from bot.routers.stickers import eta_text
 from bot.states import Train
 from bot.texts import t
 from pipeline.errors import QueueUnavailableError, QuotaExceededError
-from pipeline.queue.base import JobKind
+from pipeline.queue.base import JobKind, QueuePosition
 
 _NOUN = re.compile(r"^[^\W\d_]{2,20}(?: [^\W\d_]{2,20})?$")
 
@@ -61,16 +61,14 @@ async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, sta
         return
     await ctx.repo.update_style(draft.id, status="queued", class_noun=noun)
     await state.clear()
-    ctx.notifier.track(job.id, user_id, message.message_id, queued)
-    # 4. the real position and ETA
-    position = await ctx.queue.position(job.id)
-    if position.position >= 1:
-        text = t(lang, "train_queued", name=draft.name, noun=noun, count=len(images),
-                 position=position.position, eta=eta_text(lang, position.eta_seconds))
-        tracked = ctx.notifier.tracked.get(job.id)
-        if tracked is not None and tracked.text == queued and text != queued:
-            tracked.text = text
-            await message.edit_text(text)
+
+    def waiting(position: QueuePosition) -> str:
+        return t(lang, "train_queued", name=draft.name, noun=noun, count=len(images),
+                 position=max(1, position.position), eta=eta_text(lang, position.eta_seconds))
+
+    ctx.notifier.track(job.id, user_id, message.message_id, queued, queued=waiting)
+    # 4. the real position and ETA now; the notifier refreshes them while the job waits
+    await ctx.notifier.refresh_positions(job.id)
 
 
 async def on_train(message: Message, command: CommandObject, bot: Bot, ctx: BotContext, lang: str,
