@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -34,7 +35,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import CancelledError, JobError, StickerbotError, TrainingPreempted
+from pipeline.errors import (
+    CancelledError,
+    JobError,
+    QueueUnavailableError,
+    StickerbotError,
+    TrainingPreempted,
+)
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
 from pipeline.queue.base import Job, JobKind, JobQueue, JobState
 from pipeline.queue.sqlite import SqliteJobQueue
@@ -149,7 +156,12 @@ class Worker:
         runs = 0
         idle_wait = min(1.0, self.heartbeat_every)
         while not self.stopping and (max_jobs is None or runs < max_jobs):
-            job = await self.queue.claim(self.worker_id, kinds=self.kinds)
+            try:
+                job = await self.queue.claim(self.worker_id, kinds=self.kinds)
+            except (OSError, sqlite3.Error, QueueUnavailableError) as exc:
+                log.warning("claiming a job failed (%s); retrying in a second", exc)
+                await self._wait_for_work(1.0)
+                continue
             if job is None:
                 await self._wait_for_work(idle_wait)
                 continue
@@ -245,13 +257,13 @@ class Worker:
                             log.warning("job %s: lease lost; another worker may own it now", job.id)
                             lost = True
                             self._request = "yield"
-                if (self._request is None and job.kind == JobKind.TRAIN
+                if (self._request is None and job.kind == JobKind.TRAIN and JobKind.STICKER in self.kinds
                         and await self.queue.has_waiting([JobKind.STICKER])):
                     log.info("job %s: a sticker is waiting; training yields at the next step", job.id)
                     self._request = "yield"
                 if self.stopping and self._request is None and job.kind in PREEMPTIBLE:
                     self._request = "yield"
-            except (OSError, StickerbotError) as exc:
+            except (OSError, sqlite3.Error, StickerbotError) as exc:
                 # The database is briefly unreachable: keep working, the lease has slack.
                 log.warning("job %s: queue call failed (%s); retrying", job.id, exc)
         return lost
@@ -318,6 +330,11 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     from pipeline.queue import open_queue
 
     kinds = list(kinds) if kinds else list(JobKind)
+    early_stop = asyncio.Event()  # SIGTERM while the models load: exit cleanly once they are in
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, early_stop.set)
     resident: Resident | None = None
     if any(k != JobKind.NOOP for k in kinds):
         from pipeline.jobs import Resident
@@ -330,9 +347,10 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     worker = Worker(queue, resident, data=DataDir(settings.data_dir), worker_id=worker_id, kinds=kinds,
                     lease_seconds=settings.lease_seconds, fault_inject=fault_inject)
     if install_signals:
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
+    if early_stop.is_set():
+        worker.request_stop()
     log.info("worker %s ready: %s jobs from %s", worker.worker_id, ",".join(k.value for k in kinds),
              settings.queue_backend)
     try:

@@ -333,4 +333,8 @@ def test_worker_command_rejects_bad_kinds_and_faults(tiny_env: dict[str, str]) -
     bad_fault = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker", "--kinds", "noop"],
                                env=env, capture_output=True, text=True, timeout=60)
     assert bad_fault.returncode == 2 and "STICKERBOT_FAULT_INJECT" in bad_fault.stderr
+    env = dict(tiny_env, STICKERBOT_QUEUE_BACKEND="celery")
+    celery = subprocess.run([sys.executable, "-m", "pipeline.cli", "worker"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert celery.returncode == 2 and "celery -A pipeline.celery_app worker" in celery.stderr
     assert os.environ.get("STICKERBOT_FAULT_INJECT") is None

@@ -27,6 +27,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.queue.base import JobKind
     from pipeline.worker import parse_faults, run_worker
 
+    if settings.queue_backend != "sqlite":
+        raise ConfigError(
+            f"STICKERBOT_QUEUE_BACKEND={settings.queue_backend}: jobs run on Celery workers "
+            "(celery -A pipeline.celery_app worker --pool solo --queues sticker,train); "
+            "`stickerbot worker` serves the embedded sqlite queue")
     try:
         kinds = [JobKind(k.strip()) for k in args.kinds.split(",") if k.strip()]
     except ValueError as exc:
