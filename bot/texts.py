@@ -40,7 +40,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "draft_skipped": "Skipped {skipped}:\n{reasons}",
         "draft_ready_hint": "That's enough to train: press «Train» or send more.",
         "draft_full": "The draft already holds {limit} images, the most a style can have.",
-        "too_many_styles": "You have {limit} styles, the most allowed. Delete one in /styles first.",
+        "too_many_styles": "You have reached the limit of {limit} style(s). Delete one in /styles first.",
         "reason_animated": "animated sticker (only static ones can be used)",
         "reason_video": "video sticker (only static ones can be used)",
         "reason_too_big_file": "the file is over {mb} MB, the most bots may download",

@@ -375,3 +375,21 @@ async def test_waiting_job_shows_its_queue_position_and_moves_up(fake: FakeBotAP
             await fake.wait_text(71, "is queued: position 2")
     finally:
         await queue.close()
+
+
+async def test_quotas_from_settings(fake: FakeBotAPI, tmp_path: Path) -> None:
+    settings = bot_settings(load_settings(data_dir=tmp_path / "q", stickers_per_day=0, styles_per_user=1),
+                            fake, TEST_TOKEN)
+    async with running_bot(settings) as app:
+        repo = app.ctx.repo
+        await repo.ensure_user(73, language="en")
+        ready = await repo.create_style(73, "Mine", status="ready")
+        await repo.update_user(73, active_style_id=ready.id)
+        ann = user(73)
+        fake.send_photo(ann, fake.add_file(picture(5, fmt="JPEG")))
+        await fake.wait_text(73, "the daily limit")
+        assert not await app.ctx.queue.list_for_user(73)
+        # one style allowed, and it exists: a new set cannot start
+        fake.send_sticker(ann, fake.add_file(picture(6, fmt="WEBP"), kind="stickers", suffix=".webp"))
+        await fake.wait_text(73, "the limit of 1 style(s)")
+        assert len(await repo.list_styles(73)) == 1
