@@ -10,6 +10,7 @@ animated images reduced to their first frame, TGS/WEBM stickers refused as unsup
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             fmt = (img.format or "").upper()
             if fmt not in ALLOWED_FORMATS:
                 raise NotAnImageError(name, f"unsupported image format {fmt or 'unknown'}")
@@ -114,7 +115,12 @@ def decode_image(
     except (ImageTooLargeError, ImageTooSmallError, NotAnImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(name, "the image is too large to decode safely") from exc
+        # Pillow refuses some headers before we see the size; its message carries the count.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        detail = f"it claims {int(claimed.group(1)):,} pixels, " if claimed else ""
+        raise ImageTooLargeError(
+            name, f"the image is too large to decode safely ({detail}the limit is {max_pixels:,})"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(name, "this is not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:

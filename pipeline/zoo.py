@@ -64,7 +64,8 @@ def build_clip_tokenizer(max_length: int = 77):  # -> CLIPTokenizer
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    # transformers 5 accepts merge pairs; its annotation lists only strings.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)  # type: ignore[arg-type]
 
 
 def build_bert_tokenizer():  # -> BertTokenizer
@@ -110,7 +111,7 @@ def _save_diffusion(arch: Architecture, out: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # from DiffusionPipeline
 
 
 def _save_blip(arch: Architecture, out: Path) -> None:
@@ -145,7 +146,8 @@ def _save_blip(arch: Architecture, out: Path) -> None:
 def _save_segformer(arch: Architecture, out: Path) -> None:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    config = SegformerConfig(num_labels=1, id2label={0: "foreground"},
+    # num_labels and the label maps are PretrainedConfig kwargs the stubs do not list.
+    config = SegformerConfig(num_labels=1, id2label={0: "foreground"},  # type: ignore[call-arg]
                              label2id={"foreground": 0}, **arch.segformer)
     model = SegformerForSemanticSegmentation(config)
     size = arch.segmenter_size
