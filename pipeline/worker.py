@@ -119,6 +119,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._request: StopRequest = None  # read by the job thread through should_stop()
         self._progress: tuple[float, str] | None = None  # written by the job thread
+        self._steps_done = 0  # progress reports of the current slice (written by the job thread)
         self._low_memory: set[str] = set()  # jobs that ran out of memory: low-memory from now on
         self.outcomes: list[Outcome] = []
 
@@ -139,6 +140,7 @@ class Worker:
 
     def _on_progress(self, fraction: float, message: str) -> None:
         self._progress = (fraction, message)
+        self._steps_done += 1
 
     def _inject_fault(self, kind: JobKind) -> None:
         with self._faults_lock:
@@ -205,6 +207,7 @@ class Worker:
                  job.attempts, job.max_attempts)
         self._request = "yield" if self.stopping and job.kind in PREEMPTIBLE else None
         self._progress = None
+        self._steps_done = 0
         lost = False
         low_memory = job.id in self._low_memory
         while True:
@@ -257,8 +260,10 @@ class Worker:
                             log.warning("job %s: lease lost; another worker may own it now", job.id)
                             lost = True
                             self._request = "yield"
+                # At least one step per slice: a steady stream of stickers slows training down
+                # but cannot starve it.
                 if (self._request is None and job.kind == JobKind.TRAIN and JobKind.STICKER in self.kinds
-                        and await self.queue.has_waiting([JobKind.STICKER])):
+                        and self._steps_done > 0 and await self.queue.has_waiting([JobKind.STICKER])):
                     log.info("job %s: a sticker is waiting; training yields at the next step", job.id)
                     self._request = "yield"
                 if self.stopping and self._request is None and job.kind in PREEMPTIBLE:
