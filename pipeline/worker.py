@@ -44,7 +44,6 @@ from pipeline.errors import (
 )
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
 from pipeline.queue.base import Job, JobKind, JobQueue, JobState
-from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.storage.files import DataDir
 
 if TYPE_CHECKING:
@@ -294,10 +293,7 @@ class Worker:
             if lost:
                 return Outcome(job.id, "lost", "lease lost; checkpoint kept")
             why = "paused: the worker is restarting" if self.stopping else "paused for a sticker"
-            if isinstance(self.queue, SqliteJobQueue):
-                await self.queue.release(job.id, self.worker_id, message=why)
-            else:
-                await self.queue.release(job.id, self.worker_id)
+            await self.queue.release(job.id, self.worker_id, message=why)
             log.info("job %s: released at %s (%s)", job.id, f"{exc.step}/{exc.total}", why)
             return Outcome(job.id, "released", why)
         self._low_memory.discard(job.id)

@@ -137,8 +137,9 @@ class JobQueue(abc.ABC):
         """Fail the job, or with ``retry`` put it back in the queue (attempts permitting)."""
 
     @abc.abstractmethod
-    async def release(self, job_id: str, worker_id: str) -> None:
-        """Give a running job back to the queue without counting an attempt (graceful stop)."""
+    async def release(self, job_id: str, worker_id: str, *, message: str = "waiting to continue") -> None:
+        """Give a running job back to the queue without counting an attempt (graceful stop,
+        preemption); ``message`` is what its owner sees while it waits."""
 
     @abc.abstractmethod
     async def has_waiting(self, kinds: Sequence[JobKind]) -> bool:
