@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600.0
 
 
+# How long a finished job's worker waits for Redis to come back to report the outcome.
+OUTCOME_PERSIST_S = 600.0
+
+
 class CelerySettings(Settings):
     """The settings of a Celery deployment: every stickerbot setting plus the broker's own."""
 
@@ -154,12 +158,25 @@ class WorkerRuntime:
                 log.info("models loaded in %.1f s (%s)", time.monotonic() - started, self.settings.preset)
             return self._resident
 
-    def emit(self, event_type: str, job_id: str, **fields: Any) -> None:
-        """One event for the bot's reader (see pipeline.queue.celery)."""
+    def emit(self, event_type: str, job_id: str, *, persist_for: float = 0.0, **fields: Any) -> None:
+        """One event for the bot's reader (see pipeline.queue.celery). With ``persist_for``, a
+        Redis outage is waited out that many seconds (an outcome must not be lost); without, the
+        error propagates (progress callers drop it)."""
         entry: dict[Any, Any] = {"type": event_type, "job_id": job_id, "worker": self.worker_id,
                                  "ts": f"{time.time():.6f}"}
         entry.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
-        self.redis.xadd(EVENTS_STREAM, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+        deadline, delay = time.monotonic() + persist_for, 0.5
+        while True:
+            try:
+                self.redis.xadd(EVENTS_STREAM, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: cannot report %s (%s); retrying in %.0f s", job_id, event_type,
+                            exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
 
 
 def _runtime(app: Celery) -> WorkerRuntime:
@@ -264,7 +281,10 @@ class JobHooks:
         if fraction < 1.0 and now - self._last_progress < self.interval:
             return
         self._last_progress = now
-        self.runtime.emit("progress", self.job_id, fraction=f"{fraction:.4f}", message=message)
+        try:
+            self.runtime.emit("progress", self.job_id, fraction=f"{fraction:.4f}", message=message)
+        except redis.RedisError as exc:  # progress is best effort; the work goes on
+            log.warning("job %s: progress not reported (%s)", self.job_id, exc)
 
     def should_stop(self) -> StopRequest:
         if self.runtime.stopping.is_set():
@@ -324,7 +344,7 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
             heartbeat.done.set()
             why = ("paused: the worker is restarting" if runtime.stopping.is_set()
                    else "paused for a sticker")
-            runtime.emit("released", job_id, message=why)
+            runtime.emit("released", job_id, persist_for=OUTCOME_PERSIST_S, message=why)
             r.decr(job_key(job_id, "attempts"))
             r.delete(job_key(job_id, "run"))
             _republish(self.app, message)
@@ -356,9 +376,11 @@ def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = 
     """The last event of a run and the "done" mark (written before the message is acknowledged,
     so a redelivered copy finds it). ``retry`` on the last attempt lets the record say so."""
     if outcome == "succeeded":
-        runtime.emit("succeeded", job_id, result=json.dumps(result if result is not None else {}))
+        runtime.emit("succeeded", job_id, persist_for=OUTCOME_PERSIST_S,
+                     result=json.dumps(result if result is not None else {}))
     else:
-        runtime.emit("failed", job_id, error=error or outcome, retry="1" if retry else "0")
+        runtime.emit("failed", job_id, persist_for=OUTCOME_PERSIST_S, error=error or outcome,
+                     retry="1" if retry else "0")
     runtime.redis.set(job_key(job_id, "done"), outcome, ex=KEY_TTL_SECONDS)
     return outcome
 

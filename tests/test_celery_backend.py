@@ -373,3 +373,47 @@ async def test_sigkilled_worker_job_is_redelivered_resumes_and_completes_once(
     assert kinds.count("succeeded") == 1 and kinds.count("started") == 2
     assert (cluster.settings.data_dir / "styles" / style_id / "style.json").is_file()
     assert not checkpoint.exists()
+
+
+@pytest.mark.slow
+async def test_a_sticker_preempts_training_on_a_busy_worker(queue: CeleryJobQueue, cluster: Cluster) -> None:
+    """One worker serving both queues: a sticker submitted during a long training run is drawn
+    within seconds; the training job steps aside (checkpoint, back to the queue) and goes on."""
+    alive = [w for w in cluster.workers if w.proc.poll() is None]
+    for extra in alive[1:]:
+        extra.stop(signal.SIGTERM)
+    if not alive:
+        cluster.start_worker("w4")
+    # 1. a small style to draw with
+    style = await queue.submit(JobKind.TRAIN, user_id=400, payload={
+        "style_id": "preempt-style", "images": store_sticker_set(cluster.settings, "preempt"),
+        "class_noun": "cat", "steps": 4, "seed": 1})
+    assert (await wait_finished(queue, [style.id], timeout=120))[style.id].state == JobState.SUCCEEDED
+    # 2. a long training run, then a sticker
+    long_run = await queue.submit(JobKind.TRAIN, user_id=401, payload={
+        "style_id": "long-style", "images": store_sticker_set(cluster.settings, "long"),
+        "class_noun": "cat", "steps": 400, "seed": 2})
+    cursor, deadline = 0.0, time.monotonic() + 120
+    while not ((job := await queue.get(long_run.id)).state == JobState.RUNNING and job.progress > 0.01):
+        assert time.monotonic() < deadline, cluster.logs()
+        _events, cursor = await queue.events_since(cursor, wait=0.5)
+    photo = "blobs/preempt-photo.png"
+    (cluster.settings.data_dir / photo).write_bytes(picture(42))
+    asked = time.monotonic()
+    sticker = await queue.submit(JobKind.STICKER, user_id=402, payload={
+        "style_id": "preempt-style", "style_dir": "styles/preempt-style", "photo": photo, "seed": 5,
+        "variants": 1})
+    done = (await wait_finished(queue, [sticker.id], timeout=120))[sticker.id]
+    waited = time.monotonic() - asked
+    assert done.state == JobState.SUCCEEDED, done.error
+    long_now = await queue.get(long_run.id)
+    assert not long_now.state.finished, "the sticker did not wait for the whole training run"
+    r = redis.Redis.from_url(cluster.settings.redis_url)
+    kinds = [f[b"type"].decode() for _id, f in r.xrange(EVENTS_STREAM)
+             if f[b"job_id"].decode() == long_run.id]
+    assert "released" in kinds, kinds
+    print(f"sticker done {waited:.1f} s after it was submitted during training")
+    await queue.cancel(long_run.id)
+    final = (await wait_finished(queue, [long_run.id], timeout=120))[long_run.id]
+    assert final.state == JobState.CANCELLED
+    assert not (cluster.settings.data_dir / "styles" / "long-style").exists()

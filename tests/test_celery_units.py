@@ -201,7 +201,12 @@ def test_metrics_endpoint_serves_over_http() -> None:
 def test_json_logs_carry_job_and_user_ids_and_never_the_token() -> None:
     stream = io.StringIO()
     handler = configure_logging("INFO", stream=stream)
-    log = logging.getLogger("stickerbot.test")
+    # Only our handler sees these records: other tests' filters on the root handlers (the bot's
+    # token filter) edit records in place.
+    logging.getLogger().removeHandler(handler)
+    log = logging.getLogger("stickerbot.test.json")
+    log.propagate = False
+    log.addHandler(handler)
     try:
         with job_context(job_id="job-42", user_id=7):
             log.info("calling https://api.telegram.org/bot%s/getMe", TEST_TOKEN)
@@ -211,7 +216,7 @@ def test_json_logs_carry_job_and_user_ids_and_never_the_token() -> None:
                 log.exception("failed", extra={"stage": "send"})
         log.info("outside")
     finally:
-        logging.getLogger().removeHandler(handler)
+        log.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert TEST_TOKEN not in stream.getvalue()
     assert TEST_TOKEN.split(":")[1] not in stream.getvalue()
