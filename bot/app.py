@@ -26,6 +26,7 @@ from bot.fsm_storage import SQLiteStorage
 from bot.middlewares import ContextMiddleware, RetryAfterMiddleware, ThrottlingMiddleware
 from bot.notifier import Notifier
 from bot.routers import account, admin, collect, errors, start, stickers, styles, training
+from pipeline.monitoring import default_metrics, poll_queue_depth, start_metrics_server
 from pipeline.queue import open_queue
 from pipeline.settings import Settings
 from pipeline.storage.db import open_database
@@ -116,6 +117,7 @@ class BotApp:
         self.options = options
         self._notifier_task: asyncio.Task[None] | None = None
         self._polling: asyncio.Task[None] | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, settings: Settings, options: BotOptions | None = None) -> BotApp:
@@ -148,6 +150,10 @@ class BotApp:
             self.ctx.bot_username = me.username or ""
             await self._set_commands()
             self._notifier_task = asyncio.create_task(self.ctx.notifier.run(), name="notifier")
+            if self.settings.metrics_port:
+                start_metrics_server(self.settings.metrics_port)
+                self._metrics_task = asyncio.create_task(
+                    poll_queue_depth(self.ctx.queue, default_metrics()), name="queue-depth")
             log.info("bot @%s polling", self.ctx.bot_username)
             await self.dp.start_polling(self.bot, handle_signals=handle_signals,
                                         polling_timeout=self.options.polling_timeout,
@@ -170,6 +176,8 @@ class BotApp:
             await self.dp.stop_polling()
 
     async def close(self) -> None:
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         self.ctx.notifier.stop()
         if self._notifier_task is not None:
             try:

@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, signals
-from pydantic import Field, ValidationError
 
-from pipeline.errors import CancelledError, ConfigError, TrainingPreempted
+from pipeline.errors import CancelledError, TrainingPreempted
 from pipeline.queue.base import Job, JobKind, JobState
 from pipeline.queue.celery import (
     EVENTS_MAXLEN,
@@ -47,7 +46,7 @@ from pipeline.queue.celery import (
     TASK_NAME,
     job_key,
 )
-from pipeline.settings import Settings, env_name
+from pipeline.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from pipeline.jobs import StopRequest
@@ -63,25 +62,9 @@ DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600.0
 OUTCOME_PERSIST_S = 600.0
 
 
-class CelerySettings(Settings):
-    """The settings of a Celery deployment: every stickerbot setting plus the broker's own."""
-
-    # Seconds before an unacknowledged job is handed to another worker (its worker died).
-    celery_visibility_timeout: float = Field(default=DEFAULT_VISIBILITY_TIMEOUT, gt=0)
-
-
-def load_celery_settings(**overrides: Any) -> CelerySettings:
-    try:
-        return CelerySettings(**overrides)
-    except ValidationError as exc:
-        problems = [f"{env_name(str((e.get('loc') or ('?',))[0]))}: {e.get('msg', 'invalid value')}"
-                    for e in exc.errors(include_input=False, include_url=False)]
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
-
-
 def create_app(settings: Settings) -> Celery:
     """A Celery app for ``settings`` (broker and result backend: ``settings.redis_url``)."""
-    visibility = float(getattr(settings, "celery_visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    visibility = float(settings.celery_visibility_timeout)
     app = Celery("stickerbot", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -122,7 +105,7 @@ def __getattr__(name: str) -> Any:
     """``celery -A pipeline.celery_app`` asks for ``app``: built then from the settings of the
     environment, once (not at import time: the bot imports this module with its own settings)."""
     if name == "app":
-        app = create_app(load_celery_settings())
+        app = create_app(load_settings())
         globals()["app"] = app
         return app
     raise AttributeError(name)
@@ -196,13 +179,13 @@ def _start_worker(app: Celery) -> None:
     from pipeline.monitoring import configure_logging, start_metrics_server
 
     settings: Settings = app.stickerbot_settings
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
     runtime = _runtime(app)
-    if settings.metrics_port:
+    if settings.worker_metrics_port:
         try:
-            start_metrics_server(settings.metrics_port)
+            start_metrics_server(settings.worker_metrics_port)
         except OSError as exc:  # a second worker on the same host and port: no metrics, still work
-            log.warning("metrics port %s: %s", settings.metrics_port, exc)
+            log.warning("metrics port %s: %s", settings.worker_metrics_port, exc)
     runtime.resident()
 
 
@@ -492,5 +475,4 @@ def _safe_url(url: str) -> str:
     return f"{url.split('://', 1)[0]}://***@{tail}" if sep else url
 
 
-__all__ = ["QUEUES", "CelerySettings", "JobHooks", "WorkerRuntime", "check_broker", "create_app",
-           "load_celery_settings"]
+__all__ = ["QUEUES", "JobHooks", "WorkerRuntime", "check_broker", "create_app"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from types import ModuleType
 
 from pipeline.errors import StickerbotError
+from pipeline.monitoring import configure_logging
 from pipeline.settings import load_settings
 
 COMMANDS = (
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["data_dir"] = args.data_dir
     try:
         settings = load_settings(**overrides)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else getattr(logging, settings.log_level),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        # Token-shaped strings are scrubbed from every record, in both formats.
+        configure_logging("DEBUG" if args.verbose else settings.log_level,
+                          json_lines=settings.log_format == "json")
         return int(modules[args.command].run(args, settings) or 0)
     except StickerbotError as exc:
         print(f"stickerbot {args.command}: error: {exc}", file=sys.stderr)

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(default=4, ge=1, le=256)
     lease_seconds: float = Field(default=30.0, gt=1)
     max_attempts: int = Field(default=3, ge=1, le=20)
+    # Celery: seconds before an unacknowledged job goes to another worker (its worker died).
+    # Must be longer than the longest training run, or a running job would be handed out twice.
+    celery_visibility_timeout: float = Field(default=6 * 3600.0, gt=0)
 
     # --- Quotas ---------------------------------------------------------------------------
     max_queued_jobs_per_user: int = Field(default=3, ge=1)
@@ -85,7 +88,9 @@ class Settings(BaseSettings):
 
     # --- Operations -----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with job/user ids
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # the bot's /metrics
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)  # each worker's /metrics
 
     @field_validator("admin_ids", mode="before")
     @classmethod

@@ -43,6 +43,7 @@ from pipeline.errors import (
     TrainingPreempted,
 )
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
+from pipeline.monitoring import default_metrics, start_metrics_server
 from pipeline.queue.base import Job, JobKind, JobQueue, JobState
 from pipeline.storage.files import DataDir
 
@@ -166,7 +167,9 @@ class Worker:
             if job is None:
                 await self._wait_for_work(idle_wait)
                 continue
+            started = time.perf_counter()
             outcome = await self.run_claimed(job)
+            record_outcome(job, outcome, time.perf_counter() - started)
             self.outcomes.append(outcome)
             runs += 1
             if outcome.state != "released":
@@ -228,8 +231,13 @@ class Worker:
     def _execute(self, job: Job, low_memory: bool) -> dict[str, Any]:
         """In the job thread: the fault hook, then the job's handler."""
         self._inject_fault(job.kind)
-        return run_job(job, self.resident, should_stop=self._should_stop, progress=self._on_progress,
-                       low_memory=low_memory)
+        generator = self.resident.stickers.generator if self.resident is not None else None
+        loads = generator.loads if generator is not None else 0
+        result = run_job(job, self.resident, should_stop=self._should_stop, progress=self._on_progress,
+                         low_memory=low_memory)
+        if generator is not None and job.kind == JobKind.STICKER:
+            default_metrics().record_adapter_lookup(hit=generator.loads == loads)
+        return result
 
     async def _supervise(self, job: Job, work: asyncio.Future[Any]) -> bool:
         """While the job thread works: heartbeats, progress, stop requests. True if the lease was lost."""
@@ -324,6 +332,15 @@ class Worker:
         return Outcome(job.id, done.state.value, done.error or "")
 
 
+def record_outcome(job: Job, outcome: Outcome, seconds: float) -> None:
+    """Prometheus: the duration of a finished run, and why it failed. A run released for a
+    sticker (or lost to another worker) is not finished and is not counted."""
+    if outcome.state in ("succeeded", "failed", "cancelled"):
+        default_metrics().record_job(
+            job.kind.value, seconds, error=outcome.detail or "error" if outcome.state == "failed" else None,
+            cancelled=outcome.state == "cancelled")
+
+
 async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = None,
                      worker_id: str | None = None, fault_inject: str | None = None,
                      install_signals: bool = True) -> int:
@@ -344,6 +361,11 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
         resident = await asyncio.to_thread(Resident.load, settings)
         log.info("models loaded in %.1f s (%s on %s)", time.perf_counter() - started, settings.preset,
                  resident.models.device)
+    if settings.worker_metrics_port:
+        try:
+            start_metrics_server(settings.worker_metrics_port)
+        except OSError as exc:  # the port is taken (a second worker on this host): work without
+            log.warning("metrics port %s: %s", settings.worker_metrics_port, exc)
     queue = await open_queue(settings)
     worker = Worker(queue, resident, data=DataDir(settings.data_dir), worker_id=worker_id, kinds=kinds,
                     lease_seconds=settings.lease_seconds, fault_inject=fault_inject)

@@ -22,7 +22,6 @@ from pipeline.celery_app import (
     check_broker,
     create_app,
     job_from_message,
-    load_celery_settings,
 )
 from pipeline.errors import CancelledError, ConfigError, ImageError, StyleError
 from pipeline.monitoring import (
@@ -36,7 +35,7 @@ from pipeline.monitoring import (
 from pipeline.queue.base import JobKind, JobState
 from pipeline.queue.celery import QUEUE_FOR_KIND, TASK_NAME, CeleryJobQueue, task_message
 from pipeline.queue.sqlite import SqliteJobQueue
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,12 +66,12 @@ def test_doctor_check_names_an_unreachable_redis_without_its_password(tiny_setti
 
 def test_visibility_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings) -> None:
     monkeypatch.setenv("STICKERBOT_CELERY_VISIBILITY_TIMEOUT", "7200")
-    settings = load_celery_settings(data_dir=tiny_settings.data_dir)
+    settings = load_settings(data_dir=tiny_settings.data_dir)
     assert settings.celery_visibility_timeout == 7200
     assert create_app(settings).conf.broker_transport_options["visibility_timeout"] == 7200
     monkeypatch.setenv("STICKERBOT_CELERY_VISIBILITY_TIMEOUT", "-1")
     with pytest.raises(ConfigError, match="STICKERBOT_CELERY_VISIBILITY_TIMEOUT"):
-        load_celery_settings()
+        load_settings()
 
 
 def test_task_message_round_trips_to_the_job_a_handler_sees() -> None:

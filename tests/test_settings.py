@@ -80,3 +80,20 @@ def test_token_never_leaks(monkeypatch, tmp_path, caplog):
     with pytest.raises(ConfigError, match="malformed") as err:
         load_settings().require_token()
     assert "not-a-token-at-all" not in str(err.value)
+
+
+def test_env_example_lists_every_setting_with_a_comment():
+    import re
+    from pathlib import Path
+
+    from pipeline.settings import Settings, env_name
+
+    lines = (Path(__file__).parents[1] / ".env.example").read_text().splitlines()
+    documented = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^([A-Z_]+)=", line)
+        if m:
+            documented[m.group(1)] = lines[i - 1].startswith("#")
+    expected = {env_name(f) for f in Settings.model_fields}
+    assert set(documented) == expected
+    assert all(documented.values()), [k for k, v in documented.items() if not v]

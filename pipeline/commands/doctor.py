@@ -69,6 +69,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except Exception as exc:
         line("database", f"{settings.db_path}: {exc}", ok=False)
 
-    line("queue", settings.queue_backend)
+    if settings.queue_backend == "celery":
+        from pipeline.celery_app import check_broker
+
+        ok, text = check_broker(settings)
+        line("queue", f"celery: {text}", ok)
+    else:
+        line("queue", "sqlite (embedded)")
     print("ready" if not problems else f"{len(problems)} problem(s)")
     return 0 if not problems else 1

@@ -115,7 +115,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"database {settings.db_path} at schema version {version}", flush=True)
     # 2. the token (a ConfigError that says how to get one)
     settings.require_token()
-    # 3. the worker and the bot
+    # 3. the worker and the bot. With Celery, GPU workers are `celery -A pipeline.celery_app
+    #    worker` processes (on this or other machines); an embedded one would not see its jobs.
+    if settings.queue_backend == "celery":
+        args.no_worker = True
     print(f"starting the bot and {'no' if args.no_worker else 'one'} worker "
           f"(preset {settings.preset}); Ctrl+C stops both", flush=True)
     asyncio.run(supervise(settings, with_worker=not args.no_worker))
