@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         try:
             importlib.import_module(f"benchmarks.{name}").main()
-        except Exception as exc:
+        except Exception as exc:  # one broken benchmark must not hide the others
             print(f"{name} FAILED: {exc.__class__.__name__}: {exc}", flush=True)
             failed.append(name)
         print(f"--- {name}: {time.perf_counter() - start:.1f} s", flush=True)
