@@ -54,7 +54,7 @@ ARG TORCH_CUDA_INDEX
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models STICKERBOT_DATA_DIR=/data STICKERBOT_QUEUE_BACKEND=celery \
-    STICKERBOT_DEVICE=cuda STICKERBOT_METRICS_PORT=9101
+    STICKERBOT_DEVICE=cuda STICKERBOT_WORKER_METRICS_PORT=9101
 # Ubuntu 24.04's Python is 3.12 (the package needs >= 3.11).
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
