@@ -15,7 +15,6 @@ takes an exclusive file lock per key, so two workers needing the same class gene
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 
 from pipeline.models import DiffusionModels
-from pipeline.storage.files import write_atomic
+from pipeline.storage.files import file_lock, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,6 @@ def class_cache_key(*, base_model: str, prompt: str, resolution: int, steps: int
     raw = json.dumps({"base": base_model, "prompt": prompt, "resolution": resolution,
                       "steps": steps, "guidance": guidance}, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -107,7 +95,7 @@ def ensure_class_images(
     directory = Path(cache_dir) / key
     names = [f"{i:04d}.png" for i in range(count)]
     generated = 0
-    with _locked(Path(cache_dir) / f".{key}.lock"):
+    with file_lock(Path(cache_dir) / f".{key}.lock"):
         directory.mkdir(parents=True, exist_ok=True)
         meta = directory / "meta.json"
         if not meta.is_file():

@@ -33,9 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -58,7 +56,7 @@ from pipeline.prompts import (
     instance_prompt,
 )
 from pipeline.sticker_set import PreparedSet
-from pipeline.storage.files import atomic_directory
+from pipeline.storage.files import atomic_directory, write_atomic_with
 from pipeline.style import LORA_FILE, UNET_DIR, StyleInfo, write_style_info
 
 log = logging.getLogger(__name__)
@@ -224,17 +222,7 @@ def _fingerprint(prepared: PreparedSet, config: TrainingConfig, base_model: str,
 
 
 def _save_atomic_torch(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_with(path, lambda fh: torch.save(obj, fh))
 
 
 def encode_prompts(models: DiffusionModels, prompts: list[str], *, device: torch.device | None = None

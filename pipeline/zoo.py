@@ -7,18 +7,16 @@ code path that loads the real ones. Tokenizers are built from a small word list.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from pipeline.architectures import Architecture
+from pipeline.storage.files import file_lock
 
 ZOO_VERSION = 1
 _MARKER = "zoo.json"
@@ -194,18 +192,6 @@ _PARTS = {
 }
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = root.parent / (root.name + ".lock")
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def zoo_is_complete(root: Path, arch: Architecture) -> bool:
     marker = root / _MARKER
     if not marker.is_file():
@@ -224,7 +210,7 @@ def build_zoo(root: Path, arch: Architecture, *, seed: int = 0, force: bool = Fa
     The zoo appears atomically (built in a temporary directory, then renamed).
     """
     root = Path(root)
-    with _locked(root):
+    with file_lock(root.parent / (root.name + ".lock")):
         if not force and zoo_is_complete(root, arch):
             return root
         tmp = Path(tempfile.mkdtemp(prefix=".zoo-", dir=root.parent))
