@@ -13,6 +13,7 @@ for _var in list(os.environ):
     if _var.startswith("STICKERBOT_") or _var in ("BOT_TOKEN", "TELEGRAM_API_BASE"):
         del os.environ[_var]
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,6 +21,19 @@ import pytest  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
 
 TEST_TOKEN = "123456:TEST-token-that-is-long-enough-0123456789"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second intra-op thread, and tests run beside worker
+    subprocesses on two cores, where two spinning OpenMP threads per process run several times
+    slower than one. One thread also keeps CPU results reproducible run to run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,14 +130,6 @@ def _probe(diffusion) -> tuple[torch.Tensor, torch.Tensor]:
                 diffusion.text_encoder(ids)[0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two
-    spinning OpenMP threads run several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # --- evaluate -----------------------------------------------------------------------------------
 

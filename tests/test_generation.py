@@ -6,7 +6,6 @@ Own models (adapters are added to the UNet), tiny preset, 2 denoising steps per 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,6 @@ PARAMS = GenerationParams(steps=4, strength=0.5)  # 2 denoising steps
 PROMPT = "a zqv cat sticker, cat with a hat"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two cores shared by many processes: one intra-op thread is several times faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -86,14 +86,6 @@ def _text_probe(models: DiffusionModels) -> torch.Tensor:
         return models.text_encoder(ids)[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training on a shared 2-core machine: two OpenMP threads per process under load are many
-    times slower than one (spin-waiting), and one thread keeps CPU results reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
