@@ -244,9 +244,9 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray, *, radii: Sequence
         blurred_a = _box(a[..., 0], radius)[..., None]
         blurred_f = _box(fg * a, radius) / (blurred_a + 1e-5)
         blurred_b = _box(bg * (1 - a), radius) / ((1 - blurred_a) + 1e-5)
-        fg = blurred_f + a * (image - a * blurred_f - (1 - a) * blurred_b)
-        fg = np.clip(fg, 0.0, 1.0)
-        bg = blurred_b
+        fused = blurred_f + a * (image - a * blurred_f - (1 - a) * blurred_b)
+        fg = np.clip(fused, 0.0, 1.0).astype(np.float32)
+        bg = blurred_b.astype(np.float32)
     return fg
 
 
@@ -285,7 +285,7 @@ def remove_background(segmenter: Segmenter, image: Image.Image | Sequence[Image.
     same size as its input. An RGBA input is segmented over white and keeps its own
     transparency: the output alpha is the product of both."""
     single = isinstance(image, Image.Image)
-    images: list[Image.Image] = [image] if single else list(image)  # type: ignore[list-item]
+    images: list[Image.Image] = [image] if isinstance(image, Image.Image) else list(image)
     # 1. check inputs (named errors for empty, huge or unreadable images)
     rgb = [check_image(img, index=i, max_pixels=max_pixels) for i, img in enumerate(images)]
     # 2. P(foreground) at each image's size
