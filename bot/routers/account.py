@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 from aiogram import Bot, F, Router
 from aiogram.filters import Command
 from aiogram.fsm.context import FSMContext
@@ -12,7 +10,7 @@ from aiogram.types import CallbackQuery, Message
 from bot.context import BotContext
 from bot.keyboards import confirm_delete_me_keyboard
 from bot.routers.stickers import eta_text
-from bot.routers.styles import remove_unreferenced
+from bot.routers.styles import remove_trees, remove_unreferenced
 from bot.texts import t
 from pipeline.errors import JobError
 from pipeline.queue.base import JobState
@@ -90,11 +88,9 @@ async def forget_user(ctx: BotContext, user_id: int) -> None:
     await ctx.repo.delete_user(user_id)
     # 4. the files
     await remove_unreferenced(ctx, paths)
-    for style_id in style_ids:
-        shutil.rmtree(ctx.data.path_for("styles", style_id), ignore_errors=True)
-    for job in jobs:
-        for area in ("results", "checkpoints"):
-            shutil.rmtree(ctx.data.path_for(area, job.id), ignore_errors=True)
+    await remove_trees(*(ctx.data.path_for("styles", style_id) for style_id in style_ids),
+                       *(ctx.data.path_for(area, job.id) for job in jobs
+                         for area in ("results", "checkpoints")))
     for job in jobs:
         ctx.notifier.tracked.pop(job.id, None)
 

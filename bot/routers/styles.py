@@ -3,7 +3,9 @@ user; a forged or stale id gets a clear answer and changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from pathlib import Path
 
 from aiogram import Bot, F, Router
 from aiogram.filters import Command
@@ -133,11 +135,23 @@ async def delete_style(ctx: BotContext, style: Style) -> None:
         await ctx.repo.update_user(style.user_id, active_style_id=None)
     await ctx.repo.delete_style(style.id)
     await remove_unreferenced(ctx, [img.path for img in images])
-    shutil.rmtree(ctx.data.path_for("styles", style.id), ignore_errors=True)
+    await remove_trees(ctx.data.path_for("styles", style.id))
+
+
+async def remove_trees(*paths: Path) -> None:
+    """Delete directories in a thread: the data dir may be a network volume, and the event
+    loop serves every user."""
+
+    def remove() -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+    await asyncio.to_thread(remove)
 
 
 async def remove_unreferenced(ctx: BotContext, paths: list[str]) -> None:
     """Delete stored files no image or sticker row refers to any more (blobs are shared by content)."""
+    orphans: list[Path] = []
     for path in set(paths):
         async with ctx.repo.conn.execute(
             "SELECT (SELECT COUNT(*) FROM images WHERE path = ?) + "
@@ -146,9 +160,15 @@ async def remove_unreferenced(ctx: BotContext, paths: list[str]) -> None:
             row = await cur.fetchone()
         if row is not None and row[0] == 0:
             try:
-                ctx.data.resolve(path).unlink(missing_ok=True)
+                orphans.append(ctx.data.resolve(path))
             except ValueError:
                 continue
+
+    def unlink() -> None:
+        for orphan in orphans:
+            orphan.unlink(missing_ok=True)
+
+    await asyncio.to_thread(unlink)
 
 
 async def on_keep(query: CallbackQuery, lang: str) -> None:
