@@ -72,6 +72,7 @@ def check_image(image: Any, *, index: int = 0, max_pixels: int = DEFAULT_MAX_PIX
     if min(width, height) < max(1, min_side):
         raise ImageTooSmallError(name, f"{width}x{height} is too small for background removal")
     try:
+        image.load()  # decode now: a truncated or corrupt file fails here, with its name
         if image.mode == "RGB":
             return image
         if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):

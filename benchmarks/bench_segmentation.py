@@ -1,0 +1,128 @@
+"""Segmentation: latency and throughput of a b0-sized SegFormer at 512 px on CPU (and on a GPU
+when present), then the quality bar: a b0-sized SegFormer trained from random weights on
+procedural stickers for ``STICKERBOT_BENCH_SEG_MINUTES`` (default 10) on CPU, evaluated on
+held-out stickers over held-out backgrounds: IoU, boundary F, alpha MAE, and whether
+IoU >= 0.95.
+
+Two torch threads (the machine's two cores). Set ``STICKERBOT_BENCH_SEG_MINUTES=1`` for a quick
+look; the bar is stated for 10.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+TRAIN_STICKERS = 600
+HELDOUT_STICKERS = 60
+SIZE = 128
+STICKER_SIZE = 160
+
+
+def _timing(device: str) -> None:
+    from pipeline.architectures import SD15
+    from segmentation.removal import predict_alpha
+    from segmentation.training import fresh_segmenter
+
+    seg = fresh_segmenter(SD15.segformer, 512, device=device)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(8)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    predict_alpha(seg, images[:1])
+    predict_alpha(seg, images, batch_size=8)
+    sync()
+    runs = 5 if device == "cpu" else 50
+    start = time.perf_counter()
+    for _ in range(runs):
+        predict_alpha(seg, images[:1], batch_size=1)
+    sync()
+    single = (time.perf_counter() - start) / runs
+    runs = 2 if device == "cpu" else 20
+    start = time.perf_counter()
+    for _ in range(runs):
+        predict_alpha(seg, images, batch_size=8)
+    sync()
+    batch = (time.perf_counter() - start) / runs
+    print(
+        f"{device}: b0-sized SegFormer, 512 px (model forward + upsample + sigmoid): "
+        f"{single * 1000:.1f} ms per image (batch 1); batch 8: {batch * 1000:.0f} ms = "
+        f"{8 / batch:.1f} images/s ({batch / 8 * 1000:.1f} ms per image)",
+        flush=True,
+    )
+
+
+def _quality(minutes: float) -> None:
+    from pipeline.architectures import SD15
+    from segmentation.evaluation import IOU_BAR, evaluate
+    from segmentation.synthetic import make_stickers
+    from segmentation.training import SegTrainConfig, fresh_segmenter, train_segmenter
+
+    start = time.perf_counter()
+    train = make_stickers(TRAIN_STICKERS, seed=0, size=STICKER_SIZE)
+    held = make_stickers(HELDOUT_STICKERS, seed=1_000_000, size=STICKER_SIZE)  # seeds never trained on
+    print(
+        f"{TRAIN_STICKERS} training + {HELDOUT_STICKERS} held-out procedural stickers in "
+        f"{time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+    seg = fresh_segmenter(SD15.segformer, SIZE)
+    config = SegTrainConfig(
+        size=SIZE,
+        batch_size=8,
+        lr=float(os.environ.get("STICKERBOT_BENCH_SEG_LR", "1e-3")),
+        epochs=1000,
+        pairs_per_epoch=400,
+        val_pairs=48,
+        minutes=minutes,
+        warmup_steps=30,
+        seed=0,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_segmenter(seg, train, tmp, config, val_stickers=held[:20])
+        for h in result.history:
+            print(
+                f"  epoch {h['epoch']:3d} step {h['step']:5d} loss {h['loss']:.3f} "
+                f"val IoU {h['val_iou']:.4f} ({h['elapsed']:.0f} s)",
+                flush=True,
+            )
+        from pipeline.models import load_segmenter
+
+        best = load_segmenter(tmp, device=torch.device("cpu"))
+        out = os.environ.get("STICKERBOT_BENCH_SEG_OUT")
+        metrics = evaluate(best, held[20:], count=120, size=SIZE, seed=7, out_dir=out)
+    print(
+        f"trained from random weights for {result.seconds / 60:.1f} min on CPU ({result.steps} steps of "
+        f"{config.batch_size} at {SIZE} px, best of {result.epochs} epochs by validation on other held-out "
+        f"stickers)",
+        flush=True,
+    )
+    print(
+        f"held-out stickers over held-out backgrounds ({metrics['images']} images, {SIZE} px): "
+        f"IoU {metrics['iou']:.4f}  boundary F ({metrics['tolerance_px']} px) {metrics['boundary_f']:.4f}  "
+        f"alpha MAE {metrics['alpha_mae']:.4f}  -> IoU >= {IOU_BAR}: "
+        f"{'PASS' if metrics['iou'] >= IOU_BAR else 'NOT REACHED'}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _timing("cpu")
+        if torch.cuda.is_available():
+            _timing("cuda")
+        else:
+            print("cuda: not available here (the goal there is under 10 ms per 512-px image)")
+        _quality(float(os.environ.get("STICKERBOT_BENCH_SEG_MINUTES", "10")))
+    finally:
+        torch.set_num_threads(before)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Segmentation: pair generator, fine-tuning (a learning signal), remover output, bad input,
+metrics and the ``stickerbot segmenter`` CLI. Tiny SegFormer, 64 px, one thread."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from pipeline.errors import ImageTooLargeError, ImageTooSmallError, NotAnImageError
+from segmentation.evaluation import boundary_f, iou
+from segmentation.pairs import (
+    HELDOUT_BACKGROUNDS,
+    TRAIN_BACKGROUNDS,
+    PairConfig,
+    PairSet,
+    compose,
+    label_of,
+    make_pair,
+)
+from segmentation.synthetic import make_sticker, make_stickers
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def stickers() -> list[Image.Image]:
+    return make_stickers(6, seed=0, size=64)
+
+
+# --- pairs ----------------------------------------------------------------------------------------
+
+
+def test_identity_placement_keeps_the_sticker_alpha_exactly() -> None:
+    sticker = make_sticker(3, 64)
+    bg = np.full((64, 64, 3), 200, np.uint8)
+    image, alpha = compose(sticker, bg, scale=1.0, angle=0.0, centre=(31.5, 31.5))
+    own = np.asarray(sticker.getchannel("A"))
+    assert np.array_equal(np.round(alpha * 255).astype(np.uint8), own)
+    assert np.array_equal(label_of(alpha), label_of(own))
+    assert np.array_equal(image[own == 0], bg[own == 0])
+    opaque = own == 255
+    assert np.array_equal(image[opaque], np.asarray(sticker.convert("RGB"))[opaque])
+
+
+def test_masks_match_the_composited_alpha(stickers: list[Image.Image]) -> None:
+    for split in ("train", "heldout"):
+        for i in range(12):
+            pair = make_pair(stickers, i, split=split, seed=5, config=PairConfig(size=64))
+            assert pair.mask.dtype == bool and pair.mask.shape == (64, 64)
+            assert np.array_equal(pair.mask, pair.alpha >= 0.5)
+            assert 0.02 < pair.mask.mean() < 0.98  # the sticker is there, and not everywhere
+            clear = pair.alpha == 0
+            assert np.array_equal(pair.clean[clear], pair.background[clear])
+            # The composite is alpha * F + (1 - alpha) * B: a fully opaque pixel owes nothing to B.
+            full = pair.alpha >= 1.0
+            if full.any():
+                other = make_pair(stickers, i, split=split, seed=5, config=PairConfig(size=64))
+                assert np.array_equal(other.clean[full], pair.clean[full])
+
+
+def test_degradations_change_the_image_not_the_label(stickers: list[Image.Image]) -> None:
+    for i in range(6):
+        rough = make_pair(stickers, i, seed=2, config=PairConfig(size=64, degrade=True, jpeg_p=1.0))
+        clean = make_pair(stickers, i, seed=2, config=PairConfig(size=64, degrade=False))
+        assert np.array_equal(rough.mask, clean.mask)
+        assert np.array_equal(rough.clean, clean.clean)
+        assert not np.array_equal(rough.image, rough.clean)
+
+
+def test_same_seed_same_data_and_splits_differ(stickers: list[Image.Image]) -> None:
+    a = [make_pair(stickers, i, seed=9, config=PairConfig(size=64)) for i in range(5)]
+    b = [make_pair(stickers, i, seed=9, config=PairConfig(size=64)) for i in range(5)]
+    c = [make_pair(stickers, i, seed=10, config=PairConfig(size=64)) for i in range(5)]
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c, strict=True))
+    assert set(TRAIN_BACKGROUNDS) - {"white", "flat", "photo"}
+    assert not (set(TRAIN_BACKGROUNDS) & set(HELDOUT_BACKGROUNDS)) - {"white", "flat", "photo"}
+    families = {
+        make_pair(stickers, i, split="heldout", seed=0, config=PairConfig(size=32)).family for i in range(60)
+    }
+    assert families <= set(HELDOUT_BACKGROUNDS) and len(families) >= 4
+    ps = PairSet(stickers, length=4, seed=9, config=PairConfig(size=64))
+    first = ps[0].image.copy()
+    ps.epoch = 1
+    assert not np.array_equal(first, ps[0].image)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def test_metrics_see_errors() -> None:
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True
+    assert iou(mask, mask) == 1.0 and boundary_f(mask, mask) == 1.0
+    moved = np.roll(mask, 1, axis=1)
+    assert boundary_f(moved, mask, tolerance=2) == 1.0
+    far = np.roll(mask, 6, axis=1)
+    assert boundary_f(far, mask, tolerance=2) < 0.6
+    assert iou(far, mask) == pytest.approx(26 / 38)
+    assert iou(mask.T[::-1], mask) == 1.0 and iou(np.zeros_like(mask), mask) == 0.0
+
+
+# --- training: a learning signal ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_zoo: Path, stickers: list[Image.Image], tmp_path_factory: pytest.TempPathFactory):
+    """A tiny SegFormer trained on four fixed pairs, and where it was saved."""
+    from pipeline.models import load_segmenter
+    from segmentation.training import SegTrainConfig, train_segmenter
+
+    segmenter = load_segmenter(tiny_zoo / "segformer", device=CPU)
+    out = tmp_path_factory.mktemp("seg-overfit")
+    config = SegTrainConfig(
+        size=64,
+        batch_size=4,
+        lr=5e-3,
+        epochs=100,
+        pairs_per_epoch=4,
+        val_pairs=4,
+        degrade=False,
+        warmup_steps=3,
+        fresh_each_epoch=False,
+    )
+    calls = []
+    result = train_segmenter(
+        segmenter, stickers[:4], out, config, val_stickers=stickers[:4], progress=calls.append
+    )
+    return segmenter, out, result, calls, config
+
+
+def test_tiny_segmenter_overfits_a_handful_of_pairs(trained, stickers: list[Image.Image]) -> None:
+    from pipeline.models import load_segmenter
+    from segmentation.training import validate
+
+    segmenter, out, result, calls, config = trained
+    train_pairs = PairSet(stickers[:4], length=4, seed=0, config=PairConfig(size=64, degrade=False))
+    before = result.history[0]["val_iou"]
+    assert validate(segmenter, train_pairs) > 0.9
+    # Transposed labels would not be learnt by the same model: it must see the real mask.
+    transposed = [np.ascontiguousarray(train_pairs[i].mask.T) for i in range(4)]
+    from segmentation.removal import predict_alpha
+
+    pred = predict_alpha(segmenter, [Image.fromarray(train_pairs[i].image) for i in range(4)])
+    assert np.mean([iou(p >= 0.5, t) for p, t in zip(pred, transposed, strict=True)]) < 0.85
+    assert len(result.history) == config.epochs and result.steps == config.epochs
+    assert any(c.val_iou is not None for c in calls) and calls[-1].step == result.steps
+    assert result.best_iou >= before
+    best = load_segmenter(out, device=CPU)  # the best checkpoint: model + processor
+    assert best.model.config.num_labels == 1
+    assert validate(
+        best,
+        PairSet(stickers[:4], length=4, split="heldout", seed=1, config=PairConfig(size=64, degrade=False)),
+    ) == pytest.approx(result.best_iou)
+
+
+def test_training_resumes_from_its_last_state(
+    tiny_zoo: Path, stickers: list[Image.Image], tmp_path: Path
+) -> None:
+    from pipeline.models import load_segmenter
+    from segmentation.training import SegTrainConfig, train_segmenter
+
+    config = SegTrainConfig(size=32, batch_size=4, epochs=2, pairs_per_epoch=8, val_pairs=4)
+    first = train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
+    assert (first.epochs, first.steps) == (2, 4)
+    config.epochs = 3
+    again = train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
+    assert (again.epochs, again.steps, len(again.history)) == (3, 6, 3)
+    assert again.history[:2] == first.history
+
+
+# --- remover --------------------------------------------------------------------------------------
+
+
+def test_remover_output(trained, stickers: list[Image.Image]) -> None:
+    from segmentation.removal import predict_alpha, remove_background
+
+    segmenter = trained[0]
+    pairs = [make_pair(stickers[:4], i, seed=0, config=PairConfig(size=64, degrade=False)) for i in range(4)]
+    inputs = [Image.fromarray(p.image) for p in pairs] + [Image.fromarray(pairs[0].image).resize((97, 41))]
+    outs = remove_background(segmenter, inputs)
+    single = remove_background(segmenter, inputs[-1])
+    assert isinstance(single, Image.Image) and single.size == (97, 41) and single.mode == "RGBA"
+    probs = predict_alpha(segmenter, inputs)
+    for img, out, prob in zip(inputs, outs, probs, strict=True):
+        assert out.mode == "RGBA" and out.size == img.size
+        alpha = np.asarray(out.getchannel("A"))
+        assert alpha.dtype == np.uint8 and alpha.min() >= 0 and alpha.max() <= 255
+        assert (alpha[prob <= 0.05] == 0).all()
+        # Certain foreground well inside the sticker is fully opaque.
+        sure = Image.fromarray((prob >= 0.95).astype(np.uint8) * 255)
+        inner = np.asarray(sure.filter(ImageFilter.MinFilter(7))) > 0
+        assert inner.any() and (alpha[inner] == 255).all()
+        assert (alpha == 0).any()
+
+
+def test_remover_rejects_bad_input(trained) -> None:
+    from segmentation.removal import remove_background
+
+    segmenter = trained[0]
+    good = Image.new("RGB", (32, 32), "white")
+    with pytest.raises(ImageTooSmallError, match="too small"):
+        remove_background(segmenter, Image.new("RGB", (0, 10)))
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        remove_background(segmenter, Image.new("RGB", (300, 300)), max_pixels=10_000)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    corrupt = Image.open(io.BytesIO(buf.getvalue()[:60]))  # header fine, pixel data cut
+    with pytest.raises(NotAnImageError, match="corrupt"):
+        remove_background(segmenter, [good, corrupt])
+    with pytest.raises(NotAnImageError, match="image 1"):
+        remove_background(segmenter, [good, b"not an image"])  # type: ignore[list-item]
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_train_and_eval(
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+    from segmentation.synthetic import write_stickers
+
+    monkeypatch.setenv("STICKERBOT_TINY_ZOO_DIR", str(tiny_zoo))
+    monkeypatch.setenv("STICKERBOT_DEVICE", "cpu")
+    folder = tmp_path / "stickers"
+    write_stickers(folder, 3, seed=0, size=64)
+    Image.new("RGB", (64, 64), "blue").save(folder / "opaque.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG nope")
+    out = tmp_path / "model"
+    args = [
+        "segmenter",
+        "train",
+        "--preset",
+        "tiny",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--stickers",
+        str(folder),
+        "--procedural",
+        "3",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--size",
+        "32",
+        "--pairs-per-epoch",
+        "8",
+        "--val-pairs",
+        "4",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["stickers"] == 6
+    assert "opaque.png" in captured.err and "broken.png" in captured.err
+    assert (out / "config.json").exists() and (out / "preprocessor_config.json").exists()
+    report = tmp_path / "report"
+    assert (
+        main(
+            [
+                "segmenter",
+                "eval",
+                "--preset",
+                "tiny",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--model",
+                str(out),
+                "--stickers",
+                str(folder),
+                "--out",
+                str(report),
+                "--count",
+                "4",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) >= {"iou", "boundary_f", "alpha_mae", "passed"} and metrics["images"] == 4
+    assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
+    with Image.open(report / "contact-sheet.png") as sheet:
+        assert sheet.size == (3 * 32, 4 * 32)
+    assert (
+        main(
+            [
+                "segmenter",
+                "eval",
+                "--preset",
+                "tiny",
+                "--model",
+                str(out),
+                "--stickers",
+                str(tmp_path / "missing"),
+                "--out",
+                str(report),
+            ]
+        )
+        == 2
+    )
+    assert "missing" in capsys.readouterr().err
