@@ -20,7 +20,8 @@ from PIL import Image
 
 TRAIN_STICKERS = 600
 HELDOUT_STICKERS = 60
-SIZE = 128
+SIZE = int(os.environ.get("STICKERBOT_BENCH_SEG_SIZE", "96"))
+BATCH = int(os.environ.get("STICKERBOT_BENCH_SEG_BATCH", "8"))
 STICKER_SIZE = 160
 
 
@@ -73,8 +74,8 @@ def _quality(minutes: float) -> None:
     seg = fresh_segmenter(SD15.segformer, SIZE)
     config = SegTrainConfig(
         size=SIZE,
-        batch_size=8,
-        lr=float(os.environ.get("STICKERBOT_BENCH_SEG_LR", "1e-3")),
+        batch_size=BATCH,
+        lr=float(os.environ.get("STICKERBOT_BENCH_SEG_LR", "6e-4")),
         epochs=1000,
         pairs_per_epoch=400,
         val_pairs=48,
