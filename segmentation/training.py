@@ -249,6 +249,10 @@ def train_segmenter(
         epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
         best, history = state["best_iou"], state["history"]
         torch.set_rng_state(state["torch_rng"])
+    else:
+        # Dropout and drop-path draw from the global generator: seed it, so a run does not depend
+        # on whatever the process did before.
+        torch.manual_seed(config.seed)
 
     gen = torch.Generator().manual_seed(config.seed)
     while epoch < config.epochs and not (budget and elapsed >= budget):
