@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import statistics
@@ -98,28 +97,16 @@ async def throughput(path: Path, workers: int) -> float:
 
 
 async def sticker_latency(root: Path) -> tuple[list[float], list[float], int]:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     from pipeline.generation import write_random_style
     from pipeline.jobs import Resident
     from pipeline.queue.sqlite import SqliteJobQueue
     from pipeline.settings import load_settings
+    from segmentation.synthetic import sticker_files
 
     settings = load_settings(preset="tiny", data_dir=root / "data", device="auto", dtype="auto")
     resident = await asyncio.to_thread(Resident.load, settings)
     write_random_style(resident.models.diffusion, resident.data.root / "styles" / "ready", seed=1)
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(5):
-        img = Image.new("RGBA", (80, 60), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(img)
-        for _ in range(4):
-            pts = [tuple(int(v) for v in rng.integers(0, 80, 2)) for _ in range(4)]
-            draw.polygon(pts, fill=(*(int(v) for v in rng.integers(0, 255, 3)), 255))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        images.append(resident.data.put_blob(buf.getvalue(), suffix=".png")[0])
+    images = [resident.data.put_blob(png, suffix=".png")[0] for _, png in sticker_files(5, size=80)]
     queue = await SqliteJobQueue.from_settings(settings, max_queued_per_user=100)
     try:
         return await _measure_stickers(queue, resident, images, settings.lease_seconds)

@@ -8,7 +8,6 @@ as a UNet forward), so the CPU ratio understates what caching saves on the real 
 
 from __future__ import annotations
 
-import io
 import resource
 import shutil
 import tempfile
@@ -18,25 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+
+from segmentation.synthetic import sticker_files
 
 STEPS = 12
 PHASES = ("data", "vae", "text_encoder", "unet", "optimizer")
 
 
-def _stickers(n: int) -> list[tuple[str, bytes]]:
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(n):
-        img = Image.new("RGBA", (96, 80), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(img)
-        for _ in range(4):
-            pts = [tuple(int(v) for v in rng.integers(0, 96, 2)) for _ in range(4)]
-            draw.polygon(pts, fill=(*(int(v) for v in rng.integers(0, 255, 3)), 255))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        files.append((f"s{i}.png", buf.getvalue()))
-    return files
 
 
 def _run(models, prepared, config, root: Path, name: str,
@@ -85,7 +72,7 @@ def _cpu_comparison(root: Path) -> None:
 
     settings = load_settings(preset="tiny", data_dir=root / "data", device="cpu", dtype="float32")
     models = load_models(settings).diffusion
-    prepared = prepare_sticker_set(_stickers(4), resolution=models.resolution)
+    prepared = prepare_sticker_set(sticker_files(4), resolution=models.resolution)
     base = TrainingConfig(steps=STEPS, batch_size=2, num_class_images=4, class_image_steps=2,
                           checkpoint_every=10_000, seed=0)
     _run(models, prepared, TrainingConfig(steps=2, batch_size=2, num_class_images=4,
@@ -125,7 +112,7 @@ def _cpu_sd15_ratio(root: Path, resolution: int = 128, steps: int = 4) -> None:
 
     torch.manual_seed(0)
     models = _sd15_models(torch.device("cpu"), torch.float32, resolution)
-    prepared = prepare_sticker_set(_stickers(4), resolution=resolution)
+    prepared = prepare_sticker_set(sticker_files(4), resolution=resolution)
     print(f"SD 1.5-sized random weights, CPU, {resolution} px, batch 1, rank 16, no prior, "
           f"2 interleaved rounds of {steps} steps")
     base = TrainingConfig(steps=steps, batch_size=1, with_prior_preservation=False, rank=16,
@@ -142,7 +129,7 @@ def _gpu_sd15(root: Path) -> None:
     from pipeline.training import TrainingConfig
 
     models = _sd15_models(torch.device("cuda"), torch.float16, 512)
-    prepared = prepare_sticker_set(_stickers(4), resolution=512)
+    prepared = prepare_sticker_set(sticker_files(4), resolution=512)
     for label, prior in (("no prior", False), ("prior preservation", True)):
         steps = 100
         config = TrainingConfig(steps=steps, batch_size=1, with_prior_preservation=prior,

@@ -15,6 +15,7 @@ deterministic).
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,6 +226,17 @@ def make_sticker(seed: int, size: int = 256) -> Image.Image:
 def make_stickers(count: int, *, seed: int = 0, size: int = 256) -> list[Image.Image]:
     """``count`` stickers with seeds ``seed, seed + 1, ...``."""
     return [make_sticker(seed + i, size) for i in range(count)]
+
+
+def sticker_files(count: int, *, seed: int = 0, size: int = 96) -> list[tuple[str, bytes]]:
+    """``count`` procedural stickers as ``(name, PNG bytes)`` pairs: a ready sticker set for the
+    trainer, the worker and their tests and benchmarks."""
+    files = []
+    for i in range(count):
+        buf = io.BytesIO()
+        make_sticker(seed + i, size).save(buf, "PNG")
+        files.append((f"sticker-{seed + i:06d}.png", buf.getvalue()))
+    return files
 
 
 def write_stickers(directory: str | Path, count: int, *, seed: int = 0, size: int = 256) -> list[Path]:

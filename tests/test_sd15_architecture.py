@@ -4,13 +4,13 @@ real LoRA target names. Slow (about a minute of CPU and several GB of memory).""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+
+from segmentation.synthetic import sticker_files
 
 pytestmark = pytest.mark.slow
 
@@ -18,19 +18,6 @@ pytestmark = pytest.mark.slow
 SD15_LORA_PARAMS_PER_RANK = 199_296
 
 
-def _stickers(n: int) -> list[tuple[str, bytes]]:
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(n):
-        img = Image.new("RGBA", (96, 80), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(img)
-        for _ in range(4):
-            pts = [tuple(int(v) for v in rng.integers(0, 96, 2)) for _ in range(4)]
-            draw.polygon(pts, fill=(*(int(v) for v in rng.integers(0, 255, 3)), 255))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        files.append((f"s{i}.png", buf.getvalue()))
-    return files
 
 
 def test_one_lora_step_on_sd15_sized_models(tmp_path: Path) -> None:
@@ -55,7 +42,7 @@ def test_one_lora_step_on_sd15_sized_models(tmp_path: Path) -> None:
         scheduler_config=dict(SD15.scheduler), source="random-sd15", resolution=64,
         device=torch.device("cpu"), dtype=torch.float32)
     assert models.vae_scale_factor == 8 and models.vae.config.scaling_factor == pytest.approx(0.18215)
-    prepared = prepare_sticker_set(_stickers(3), resolution=64)
+    prepared = prepare_sticker_set(sticker_files(3), resolution=64)
     probe_in = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     hidden = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -5,7 +5,6 @@ SIGKILL mid-training with resume on another worker, stickers preempting training
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
 import signal
@@ -19,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from pipeline.queue.base import Job, JobKind, JobState
 from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.settings import Settings
 from pipeline.storage.files import DataDir
 from pipeline.worker import parse_faults
+from segmentation.synthetic import sticker_files
 
 NOOP, TRAIN, STICKER = JobKind.NOOP, JobKind.TRAIN, JobKind.STICKER
 
@@ -199,18 +198,7 @@ async def test_sigterm_releases_the_job_and_a_restart_loses_nothing(
 
 
 def sticker_set(data: DataDir, n: int = 4, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    paths = []
-    for _ in range(n):
-        img = Image.new("RGBA", (80, 60), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(img)
-        for _ in range(4):
-            pts = [tuple(int(v) for v in rng.integers(0, 80, 2)) for _ in range(4)]
-            draw.polygon(pts, fill=(*(int(v) for v in rng.integers(0, 255, 3)), 255))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        paths.append(data.put_blob(buf.getvalue(), suffix=".png")[0])
-    return paths
+    return [data.put_blob(png, suffix=".png")[0] for _, png in sticker_files(n, seed=seed, size=80)]
 
 
 def lora_tensors(style_dir: Path) -> dict[str, np.ndarray]:
