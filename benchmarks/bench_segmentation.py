@@ -109,6 +109,11 @@ def _quality(minutes: float) -> None:
         f"{'PASS' if metrics['iou'] >= IOU_BAR else 'NOT REACHED'}",
         flush=True,
     )
+    print(
+        "  IoU by held-out background: "
+        + "  ".join(f"{family} {value:.3f}" for family, value in metrics["iou_by_background"].items()),
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -110,6 +110,17 @@ def score(
     }
 
 
+def iou_by_family(probs: Sequence[np.ndarray], pairs: Sequence[Pair]) -> dict[str, float]:
+    """Pooled IoU per background family (where a segmenter fails, it usually fails on one)."""
+    counts: dict[str, list[int]] = {}
+    for prob, pair in zip(probs, pairs, strict=True):
+        pred = prob >= 0.5
+        c = counts.setdefault(pair.family, [0, 0])
+        c[0] += int(np.logical_and(pred, pair.mask).sum())
+        c[1] += int(np.logical_or(pred, pair.mask).sum())
+    return {family: (1.0 if u == 0 else i / u) for family, (i, u) in sorted(counts.items())}
+
+
 def contact_sheet(
     pairs: Sequence[Pair],
     probs: Sequence[np.ndarray],
@@ -160,6 +171,7 @@ def evaluate(
         cut = remove_background(segmenter, [Image.fromarray(p.image) for p in pairs])
         alphas = [np.asarray(c.getchannel("A"), dtype=np.float32) / 255.0 for c in cut]
     metrics: dict[str, Any] = score(probs, pairs, alphas=alphas, tolerance=tolerance)
+    metrics["iou_by_background"] = iou_by_family(probs, pairs)
     metrics.update(
         images=len(pairs),
         size=side,

@@ -10,13 +10,24 @@ so soft drop shadows (alpha < 0.5) and the faint outer half of anti-aliased edge
 background. The label is computed from the composited alpha *before* the photometric
 degradations (lighting changes, blur, noise, JPEG artefacts), which change the image only.
 
+A label must be observable in the pixels. A white outline on a white background (or a dark one
+on black, or a fill that matches a flat colour) has an edge nobody can see, so no model can learn
+where it is. Training on it only teaches the model to blur its edges. So when less than
+``PairConfig.min_visible`` (70 %) of the label's edge pixels differ visibly from the background
+behind them (some channel by at least 24 of 255, before degradations), the background is drawn
+again from another family, up to three times. The same rule holds for held-out pairs.
+
 Backgrounds come in families, split between training and held-out data so an evaluation measures
 generalisation to backgrounds the model never saw:
 
 - train:    white (common), flat colours, linear gradients, value noise, stripes, checkerboards,
-            photos with an even index in the sorted photo folder;
+            "bokeh" (out-of-focus polygons and strokes over a gradient), photos with an even
+            index in the sorted photo folder;
 - held-out: white, flat colours, radial gradients, blurred "clouds" with speckle, plaid and
             dots, clutter of random soft shapes, photos with an odd index.
+
+Without a photo folder, "photo" falls back to a family of its own split (train: bokeh or
+noise; held-out: clouds or clutter), so no held-out family is ever seen in training.
 
 Everything is a pure function of (split, seed, index): the same arguments give the same pixels.
 numpy + cv2 + Pillow; no torch.
@@ -36,7 +47,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 
 LABEL_THRESHOLD = 0.5
 SPLITS = ("train", "heldout")
-TRAIN_BACKGROUNDS = ("white", "flat", "gradient", "noise", "stripes", "checker", "photo")
+TRAIN_BACKGROUNDS = ("white", "flat", "gradient", "noise", "stripes", "checker", "bokeh", "photo")
 HELDOUT_BACKGROUNDS = ("white", "flat", "radial", "clouds", "plaid", "clutter", "photo")
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -54,6 +65,7 @@ class PairConfig:
     noise_p: float = 0.3
     jpeg_p: float = 0.4
     lighting_p: float = 0.5
+    min_visible: float = 0.7  # least share of the label's edge that must differ from the background
 
 
 @dataclass
@@ -64,6 +76,21 @@ class Pair:
     clean: np.ndarray  # uint8 (H, W, 3): the composite before degradations
     background: np.ndarray  # uint8 (H, W, 3): the background alone
     family: str  # which background family
+
+
+_VISIBILITY_TRIES = 4
+_VISIBLE_DIFF = 24  # a channel differing by this much (of 255) makes an edge pixel visible
+
+
+def edge_visibility(clean: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the label's edge pixels (foreground pixels next to background) whose
+    composited colour differs visibly from the background behind them (1.0 without an edge)."""
+    m = mask.astype(np.uint8)
+    edge = (m - cv2.erode(m, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
+    if not edge.any():
+        return 1.0
+    diff = np.abs(clean[edge].astype(np.int16) - bg[edge].astype(np.int16)).max(axis=-1)
+    return float((diff >= _VISIBLE_DIFF).mean())
 
 
 def label_of(alpha: np.ndarray) -> np.ndarray:
@@ -139,9 +166,15 @@ def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 
 
 def background(
-    family: str, rng: np.random.Generator, size: int, photos: Sequence[np.ndarray] = ()
+    family: str,
+    rng: np.random.Generator,
+    size: int,
+    photos: Sequence[np.ndarray] = (),
+    *,
+    split: str = "train",
 ) -> np.ndarray:
-    """One background of a family, uint8 (size, size, 3)."""
+    """One background of a family, uint8 (size, size, 3). ``split`` picks the stand-in for
+    "photo" when there are no photos."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
     c1, c2 = _rand_colour(rng), _rand_colour(rng)
     bg: np.ndarray
@@ -181,6 +214,22 @@ def background(
         if rng.random() < 0.5:
             dots = (np.hypot((xx / period) % 1 - 0.5, (yy / period) % 1 - 0.5) < 0.2)[..., None]
             bg = np.where(dots, _rand_colour(rng), bg)
+    elif family == "bokeh":
+        t = np.clip((np.cos(rng.uniform(0, 2 * np.pi)) * xx + 0.5 * yy), 0, 1)[..., None]
+        bg = (c1 * (1 - t) + c2 * t).astype(np.float32)
+        for _ in range(int(rng.integers(3, 12))):
+            corners = int(rng.integers(3, 7))
+            middle = rng.uniform(0, size, 2)
+            radius = rng.uniform(size / 16, size / 4)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
+            pts = np.stack([middle[0] + radius * np.cos(angles), middle[1] + radius * np.sin(angles)], 1)
+            colour = tuple(float(v) for v in _rand_colour(rng))
+            if rng.random() < 0.7:
+                cv2.fillPoly(bg, [pts.astype(np.int32)], colour)
+            else:
+                width = int(rng.integers(1, max(2, size // 24)))
+                cv2.polylines(bg, [pts.astype(np.int32)], False, colour, width)
+        bg = cv2.GaussianBlur(bg, (0, 0), size * rng.uniform(0.015, 0.05))
     elif family == "clutter":
         bg = np.broadcast_to(c1, (size, size, 3)).astype(np.float32).copy()
         for _ in range(int(rng.integers(4, 14))):
@@ -202,7 +251,8 @@ def background(
         bg = cv2.GaussianBlur(bg, (0, 0), rng.uniform(0.8, 4.0))
     elif family == "photo":
         if not photos:
-            return background("clouds" if rng.random() < 0.5 else "noise", rng, size)
+            stand_ins = ("bokeh", "noise") if split == "train" else ("clouds", "clutter")
+            return background(stand_ins[int(rng.random() < 0.5)], rng, size, split=split)
         photo = photos[int(rng.integers(0, len(photos)))]
         h, w = photo.shape[:2]
         crop = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
@@ -303,9 +353,7 @@ def make_pair(
     rng = np.random.default_rng([0x5E6, SPLITS.index(split), int(seed), int(index)])
     size = config.size
     families = TRAIN_BACKGROUNDS if split == "train" else HELDOUT_BACKGROUNDS
-    family = "white" if rng.random() < config.white_share else str(rng.choice(families[1:]))
     split_photos = list(photos)[SPLITS.index(split) :: 2]
-    bg = background(family, rng, size, split_photos)
     sticker = stickers[index % len(stickers)]
     x0, y0, x1, y1 = _opaque_box(sticker)
     extent = max(x1 - x0, y1 - y0, 1)
@@ -323,7 +371,16 @@ def make_pair(
     rad = np.deg2rad(angle)
     dx = off_x * np.cos(rad) + off_y * np.sin(rad)
     dy = -off_x * np.sin(rad) + off_y * np.cos(rad)
-    clean, alpha = compose(sticker, bg, scale=scale, angle=angle, centre=(cx_box - dx, cy_box - dy))
+    family = "white" if rng.random() < config.white_share else str(rng.choice(families[1:]))
+    for attempt in range(_VISIBILITY_TRIES):
+        bg = background(family, rng, size, split_photos, split=split)
+        clean, alpha = compose(sticker, bg, scale=scale, angle=angle, centre=(cx_box - dx, cy_box - dy))
+        last = attempt == _VISIBILITY_TRIES - 1
+        if last or edge_visibility(clean, bg, label_of(alpha)) >= config.min_visible:
+            break
+        # The sticker's edge melts into this background (a white outline on white): its label
+        # could not be learned from the pixels. Draw another background of another family.
+        family = str(rng.choice([f for f in families[1:] if f != family]))
     image = degrade(clean, rng, config) if config.degrade else clean.copy()
     return Pair(image=image, mask=label_of(alpha), alpha=alpha, clean=clean, background=bg, family=family)
 

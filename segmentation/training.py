@@ -68,6 +68,12 @@ class SegTrainConfig:
     minutes: float | None = None  # time budget; stops after the epoch that crosses it
     warmup_steps: int = 50
     dice_weight: float = 1.0
+    max_grad_norm: float | None = None  # clip the gradient norm (None: no clipping)
+    edge_weight: float = 0.0  # extra BCE weight on pixels within ``edge_px`` of a label edge
+    edge_px: int = 2
+    ema_decay: float | None = None  # validate and keep an exponential moving average of weights
+    warm_size: int | None = None  # progressive resizing: train at this smaller size first ...
+    warm_share: float = 0.5  # ... for this share of the planned steps (or of the time budget)
     heldout_share: float = 0.1  # stickers kept out of training, for validation
     seed: int = 0
     degrade: bool = True
@@ -93,10 +99,44 @@ class SegTrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def mit_init(model: torch.nn.Module) -> None:
+    """SegFormer's own initialisation (Xie et al., 2021, the authors' ``mix_transformer.py``):
+    linear layers truncated-normal with std 0.02, convolutions He-normal over their fan-out
+    (``k * k * out_channels / groups``), norms at one and zero, the classifier normal with std
+    0.01 (mmsegmentation's decode heads).
+
+    transformers initialises every convolution with std 0.02 instead, which is harmless for
+    checkpoints that overwrite it but cripples training from random weights: the Mix-FFN's 3x3
+    depthwise convolutions (fan-out 9, He std 0.47) start about 24 times too weak, so the
+    encoder's only local spatial mixing is nearly off, and the model learns blobs first and
+    edges late."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv2d):
+                if name.endswith("classifier"):
+                    nn.init.normal_(module.weight, std=0.01)
+                else:
+                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                    nn.init.normal_(module.weight, std=math.sqrt(2.0 / (fan_out // module.groups)))
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+
 def fresh_segmenter(
     architecture: dict[str, Any], size: int, *, device: Any = "cpu", seed: int = 0
 ) -> Segmenter:
-    """A one-label SegFormer of random weights with a given config (e.g. ``SD15.segformer``)."""
+    """A one-label SegFormer of random weights with a given config (e.g. ``SD15.segformer``),
+    initialised as SegFormer's authors do (``mit_init``)."""
     import torch
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
@@ -106,7 +146,9 @@ def fresh_segmenter(
     config = SegformerConfig(  # type: ignore[call-arg]
         num_labels=1, id2label={0: "foreground"}, label2id={"foreground": 0}, **architecture
     )
-    model = SegformerForSemanticSegmentation(config).to(device)
+    model = SegformerForSemanticSegmentation(config)
+    mit_init(model)
+    model = model.to(device)
     processor = SegformerImageProcessor(size={"height": size, "width": size}, do_reduce_labels=False)
     return Segmenter(model=model.eval(), processor=processor, source=f"fresh:{size}")
 
@@ -128,9 +170,27 @@ def split_stickers(
     return train, held
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, *, dice_weight: float = 1.0) -> torch.Tensor:
+def edge_band(masks: torch.Tensor, px: int) -> torch.Tensor:
+    """(N, H, W) {0, 1} masks -> (N, H, W) bool: pixels within ``px`` of a label edge."""
+    import torch.nn.functional as F
+
+    k = 2 * px + 1
+    grown = F.max_pool2d(masks[:, None], k, stride=1, padding=px)[:, 0]
+    shrunk = -F.max_pool2d(-masks[:, None], k, stride=1, padding=px)[:, 0]
+    return grown != shrunk
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    dice_weight: float = 1.0,
+    edge_weight: float = 0.0,
+    edge_px: int = 2,
+) -> torch.Tensor:
     """BCE + soft Dice. ``logits`` (N, h, w) foreground logits at any size; ``masks`` (N, H, W)
-    float {0, 1}; logits are upsampled to the mask size first."""
+    float {0, 1}; logits are upsampled to the mask size first. ``edge_weight`` > 0 weighs the
+    BCE of pixels near a label edge (1 + edge_weight) times, where a coarse model is wrong."""
     import torch
     import torch.nn.functional as F
 
@@ -138,11 +198,51 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, *, dice_weight:
         logits = F.interpolate(logits[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[
             :, 0
         ]
-    bce = F.binary_cross_entropy_with_logits(logits, masks)
+    weight = None
+    if edge_weight > 0:
+        weight = 1.0 + edge_weight * edge_band(masks, edge_px).float()
+        weight = weight / weight.mean()
+    bce = F.binary_cross_entropy_with_logits(logits, masks, weight=weight)
     prob = torch.sigmoid(logits)
     inter = (prob * masks).sum(dim=(1, 2))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2)) + masks.sum(dim=(1, 2)) + 1)
     return bce + dice_weight * dice.mean()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights and buffers (Polyak
+    averaging): ``update()`` after each step, ``swapped()`` to run with the averaged weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.model = model
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def update(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            state = self.model.state_dict()
+            keys = list(self.shadow)
+            torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach() for k in keys],
+                                 1.0 - self.decay)
+
+    def swapped(self) -> _Swap:
+        return _Swap(self)
+
+
+class _Swap:
+    def __init__(self, ema: WeightAverage) -> None:
+        self.ema = ema
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> None:
+        state = self.ema.model.state_dict()
+        self.saved = {k: state[k].detach().clone() for k in self.ema.shadow}
+        self.ema.model.load_state_dict(self.ema.shadow, strict=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.ema.model.load_state_dict(self.saved, strict=False)
 
 
 def _lr_factor(step: int, planned: int, elapsed: float, budget: float | None, warmup: int) -> float:
@@ -221,6 +321,16 @@ def train_segmenter(
         config=pair_cfg,
         photos=photos,
     )
+    warm_set = None
+    if config.warm_size and config.warm_size != config.size:
+        warm_set = PairSet(
+            train_st,
+            length=config.pairs_per_epoch,
+            split="train",
+            seed=config.seed,
+            config=PairConfig(size=config.warm_size, degrade=config.degrade),
+            photos=photos,
+        )
     val_set = PairSet(
         val_st,
         length=config.val_pairs,
@@ -254,27 +364,39 @@ def train_segmenter(
         # on whatever the process did before.
         torch.manual_seed(config.seed)
 
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    if ema is not None and state_path.exists():
+        ema.shadow = state.get("ema") or ema.shadow
     gen = torch.Generator().manual_seed(config.seed)
     while epoch < config.epochs and not (budget and elapsed >= budget):
         started = time.monotonic() - elapsed
-        train_set.epoch = epoch if config.fresh_each_epoch else 0
-        order = torch.randperm(len(train_set), generator=gen.manual_seed(config.seed * 1000 + epoch)).tolist()
+        progress_share = max(step / max(1, planned), elapsed / budget if budget else 0.0)
+        pairs_now = warm_set if warm_set is not None and progress_share < config.warm_share else train_set
+        pairs_now.epoch = epoch if config.fresh_each_epoch else 0
+        order = torch.randperm(len(pairs_now), generator=gen.manual_seed(config.seed * 1000 + epoch)).tolist()
         model.train()
         losses = []
         for b in range(steps_per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             if not idx:
                 break
-            pairs = [train_set[i] for i in idx]
+            pairs = [pairs_now[i] for i in idx]
             x = normalize_batch(segmenter, np.stack([p.image for p in pairs]))
             masks = torch.from_numpy(np.stack([p.mask for p in pairs]).astype(np.float32)).to(x.device)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(step, planned, elapsed, budget, config.warmup_steps)
             logits = foreground_logit(segmenter, model(pixel_values=x).logits)
-            loss = segmentation_loss(logits, masks, dice_weight=config.dice_weight)
+            loss = segmentation_loss(
+                logits, masks, dice_weight=config.dice_weight, edge_weight=config.edge_weight,
+                edge_px=config.edge_px,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             step += 1
             losses.append(float(loss.detach()))
             elapsed = time.monotonic() - started
@@ -282,7 +404,11 @@ def train_segmenter(
                 progress(SegTrainProgress(epoch=epoch, step=step, loss=losses[-1], elapsed=elapsed))
             if budget and elapsed >= budget:
                 break
-        val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
+        if ema is not None:
+            with ema.swapped():
+                val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
+        else:
+            val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
         model.train()
         elapsed = time.monotonic() - started
         epoch += 1
@@ -297,11 +423,12 @@ def train_segmenter(
         )
         if val_iou > best:
             best = val_iou
-            save_segmenter(
-                segmenter,
-                out,
-                meta={"config": asdict(config), "val_iou": val_iou, "epoch": epoch, "step": step},
-            )
+            meta = {"config": asdict(config), "val_iou": val_iou, "epoch": epoch, "step": step}
+            if ema is not None:
+                with ema.swapped():
+                    save_segmenter(segmenter, out, meta=meta)
+            else:
+                save_segmenter(segmenter, out, meta=meta)
         torch.save(
             {
                 "model": model.state_dict(),
@@ -312,6 +439,7 @@ def train_segmenter(
                 "best_iou": best,
                 "history": history,
                 "torch_rng": torch.get_rng_state(),
+                "ema": ema.shadow if ema is not None else None,
                 "config": asdict(config),
             },
             state_path.with_suffix(".tmp"),
@@ -323,6 +451,8 @@ def train_segmenter(
                     epoch=epoch, step=step, loss=history[-1]["loss"], elapsed=elapsed, val_iou=val_iou
                 )
             )
+    if ema is not None:  # the model leaves with the averaged weights it was validated with
+        model.load_state_dict(ema.shadow, strict=False)
     model.eval()
     return SegTrainResult(
         out_dir=out, best_iou=best, epochs=epoch, steps=step, seconds=elapsed, history=history

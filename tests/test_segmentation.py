@@ -20,6 +20,7 @@ from segmentation.pairs import (
     PairConfig,
     PairSet,
     compose,
+    edge_visibility,
     label_of,
     make_pair,
 )
@@ -90,6 +91,36 @@ def test_same_seed_same_data_and_splits_differ(stickers: list[Image.Image]) -> N
     first = ps[0].image.copy()
     ps.epoch = 1
     assert not np.array_equal(first, ps[0].image)
+
+
+def _white_outlined_disc(size: int = 64) -> Image.Image:
+    rgba = np.zeros((size, size, 4), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    rgba[r < size * 0.4] = (255, 255, 255, 255)  # the white outline ring ...
+    rgba[r < size * 0.3] = (200, 30, 30, 255)  # ... around a red body
+    return Image.fromarray(rgba, "RGBA")
+
+
+def test_labels_stay_observable_a_white_outline_is_never_put_on_white() -> None:
+    disc = _white_outlined_disc()
+    white = np.full((64, 64, 3), 255, np.uint8)
+    image, alpha = compose(disc, white, scale=1.0, angle=0.0, centre=(31.5, 31.5))
+    assert edge_visibility(image, white, label_of(alpha)) < 0.05  # the ring is invisible there
+    dark = np.full((64, 64, 3), 40, np.uint8)
+    image, alpha = compose(disc, dark, scale=1.0, angle=0.0, centre=(31.5, 31.5))
+    assert edge_visibility(image, dark, label_of(alpha)) > 0.95
+    # Every pair of the white-outlined sticker gets a background its edge shows against, although
+    # a plain white background is drawn for about a third of them.
+    config = PairConfig(size=64, white_share=0.5, degrade=False)
+    pairs = [make_pair([disc], i, seed=3, config=config) for i in range(30)]
+    assert all(edge_visibility(p.clean, p.background, p.mask) >= config.min_visible for p in pairs)
+    assert "white" not in {p.family for p in pairs}
+    # A red-outlined sticker is welcome on white.
+    red = np.asarray(disc).copy()
+    red[(red[..., 3] > 0) & (red[..., 0] == 255) & (red[..., 1] == 255)] = (200, 30, 30, 255)
+    red_pairs = [make_pair([Image.fromarray(red, "RGBA")], i, seed=3, config=config) for i in range(30)]
+    assert "white" in {p.family for p in red_pairs}
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -174,6 +205,58 @@ def test_training_resumes_from_its_last_state(
     again = train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
     assert (again.epochs, again.steps, len(again.history)) == (3, 6, 3)
     assert again.history[:2] == first.history
+
+
+def test_weight_average_resume_and_progressive_resizing(
+    tiny_zoo: Path, stickers: list[Image.Image], tmp_path: Path
+) -> None:
+    from pipeline.models import load_segmenter
+    from segmentation.training import SegTrainConfig, WeightAverage, train_segmenter
+
+    # The average: w <- decay * w + (1 - decay) * new, and swapped() puts the live weights back.
+    layer = torch.nn.Linear(1, 1, bias=False)
+    layer.weight.data.fill_(0.0)
+    ema = WeightAverage(layer, decay=0.75)
+    layer.weight.data.fill_(4.0)
+    ema.update()
+    assert ema.shadow["weight"].item() == pytest.approx(1.0)
+    with ema.swapped():
+        assert layer.weight.item() == pytest.approx(1.0)
+    assert layer.weight.item() == pytest.approx(4.0)
+
+    sizes: list[int] = []
+    segmenter = load_segmenter(tiny_zoo / "segformer", device=CPU)
+    forward = segmenter.model.forward
+    segmenter.model.forward = lambda pixel_values, **kw: (sizes.append(pixel_values.shape[-1]),  # type: ignore[method-assign]
+                                                          forward(pixel_values=pixel_values, **kw))[1]
+    config = SegTrainConfig(size=48, batch_size=4, epochs=4, pairs_per_epoch=8, val_pairs=4, ema_decay=0.9,
+                            warm_size=32, warm_share=0.5)
+    first = train_segmenter(segmenter, stickers, tmp_path, config)
+    # Training ran at 32 px for the first half, then at 48; validation always at 48.
+    assert sizes[:2] == [32, 32] and 32 in sizes and sizes[-1] == 48 and sizes.count(32) == 4
+    state = torch.load(tmp_path / "training-state.pt", weights_only=False)
+    # The model leaves training with the averaged weights, which are what was saved.
+    live = segmenter.model.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in state["ema"].items())
+    config.epochs = 5
+    again = train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
+    assert (again.steps, again.history[:4]) == (10, first.history)
+
+
+def test_fresh_segformer_uses_the_authors_initialisation() -> None:
+    from pipeline.architectures import SD15
+    from segmentation.training import edge_band, fresh_segmenter
+
+    model = fresh_segmenter(SD15.segformer, 64).model
+    modules = dict(model.named_modules())
+    dw = modules["segformer.stages.0.blocks.0.mlp.dwconv.dwconv"].weight
+    assert float(dw.detach().std()) == pytest.approx((2 / 9) ** 0.5, rel=0.15)  # He over fan-out 3*3*C/C
+    assert float(modules["decode_head.classifier"].weight.detach().std()) == pytest.approx(0.01, rel=0.5)
+    # edge_band: a 10x10 square's pixels within 1 px of its edge, inside and out.
+    mask = torch.zeros(1, 20, 20)
+    mask[0, 5:15, 5:15] = 1
+    band = edge_band(mask, 1)[0]
+    assert int(band.sum()) == 12 * 12 - 8 * 8 and not band[10, 10] and band[4, 4] and not band[3, 10]
 
 
 # --- remover --------------------------------------------------------------------------------------
