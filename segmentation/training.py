@@ -76,7 +76,8 @@ class SegTrainConfig:
     warm_share: float = 0.5  # ... for this share of the planned steps (or of the time budget)
     heldout_share: float = 0.1  # stickers kept out of training, for validation
     seed: int = 0
-    degrade: bool = True
+    degrade: bool = True  # blur, noise, JPEG and lighting on training images
+    val_degrade: bool = True  # ... and on validation images (as ``evaluate`` does)
     fresh_each_epoch: bool = True  # new placements/backgrounds each epoch (False: the same pairs)
 
 
@@ -336,7 +337,7 @@ def train_segmenter(
         length=config.val_pairs,
         split="heldout",
         seed=config.seed + 1,
-        config=pair_cfg,
+        config=PairConfig(size=config.size, degrade=config.val_degrade),
         photos=photos,
         cache=True,
     )

@@ -9,6 +9,7 @@ test replaces a worker, so it comes last.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -302,6 +303,28 @@ async def test_redis_down_at_submit_raises_and_writes_nothing(queue: CeleryJobQu
         cluster.redis.start()
     job = await queue.submit(JobKind.NOOP, user_id=77, payload={})
     assert (await wait_finished(queue, [job.id], timeout=60))[job.id].state == JobState.SUCCEEDED
+
+
+async def test_a_job_whose_message_never_left_is_sent_when_the_bot_starts(queue: CeleryJobQueue,
+                                                                         cluster: Cluster) -> None:
+    from pipeline.queue.sqlite import SqliteJobQueue
+
+    # The bot died between writing the record and sending the task: a record, no message.
+    r = redis.Redis.from_url(cluster.settings.redis_url)
+    job = await SqliteJobQueue.submit(queue, JobKind.NOOP, user_id=91, payload={})
+    await asyncio.sleep(3)
+    assert (await queue.get(job.id)).state == JobState.QUEUED  # no worker knows about it
+    assert not r.exists(job_key(job.id, "sent"))
+    restarted = await CeleryJobQueue.from_settings(cluster.settings)  # the bot starts again
+    try:
+        final = (await wait_finished(restarted, [job.id], timeout=60))[job.id]
+        assert final.state == JobState.SUCCEEDED and final.attempts == 1
+        assert await restarted.resend_unsent() == []  # sent once, marked
+        sent = await restarted.submit(JobKind.NOOP, user_id=91, payload={"sleep": 2})
+        assert r.exists(job_key(sent.id, "sent"))
+        assert await restarted.resend_unsent() == []  # a message that left is not sent again
+    finally:
+        await restarted.close()
 
 
 async def test_cancel_stops_a_running_job_on_its_worker(queue: CeleryJobQueue, cluster: Cluster) -> None:

@@ -157,6 +157,7 @@ def trained(tiny_zoo: Path, stickers: list[Image.Image], tmp_path_factory: pytes
         pairs_per_epoch=4,
         val_pairs=4,
         degrade=False,
+        val_degrade=False,
         warmup_steps=3,
         fresh_each_epoch=False,
     )

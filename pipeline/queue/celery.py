@@ -25,6 +25,11 @@ the worker's cancel check reads between training steps, and a Celery revoke.
 
 Redis down at submit time: :class:`QueueUnavailableError` before anything is written.
 
+A message that never left: the bot marks each job's message as sent (a Redis key) once Celery
+took it. When the bot starts, it sends again the message of every queued job without that mark:
+the bot died between writing the record and sending, or Redis lost its data. A copy sent twice
+is harmless: a worker runs a job once (the "done" and "run" keys).
+
 This module is imported by the bot: no torch, no model libraries.
 """
 
@@ -102,6 +107,10 @@ class CeleryJobQueue(SqliteJobQueue):
         queue = await super().from_settings(settings, **options)
         assert isinstance(queue, CeleryJobQueue)
         queue.start_reader()
+        try:
+            await queue.resend_unsent()
+        except (RedisError, OSError, TimeoutError):
+            log.warning("could not check for unsent job messages (Redis unreachable); next start will")
         return queue
 
     async def close(self) -> None:
@@ -141,12 +150,28 @@ class CeleryJobQueue(SqliteJobQueue):
             default_metrics().queue_unavailable.inc()
             raise QueueUnavailableError(
                 "the job queue (Redis) cannot be reached right now; try again in a minute") from exc
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # only a resend at startup lost
+            await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
         default_metrics().jobs_submitted.labels(kind=kind.value).inc()
         return job
 
     def _publish(self, job: Job) -> None:
         self.celery_app.send_task(TASK_NAME, args=[task_message(job)], task_id=job.id,
                                   queue=QUEUE_FOR_KIND[job.kind], retry=False)
+
+    async def resend_unsent(self) -> list[str]:
+        """Send the task message of every queued job not marked as sent; returns their ids."""
+        rows = await self._read("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
+        resent = []
+        for job in map(job_from_row, rows):
+            if await self.redis.exists(job_key(job.id, "sent")):
+                continue
+            await asyncio.wait_for(asyncio.to_thread(self._publish, job), self.publish_timeout)
+            await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
+            resent.append(job.id)
+        if resent:
+            log.warning("sent again the messages of %d queued job(s) that had none", len(resent))
+        return resent
 
     async def cancel(self, job_id: str, *, user_id: int | None = None) -> Job:
         job = await super().cancel(job_id, user_id=user_id)
