@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-TRAIN_STICKERS = 600
+TRAIN_STICKERS = int(os.environ.get("STICKERBOT_BENCH_SEG_STICKERS", "600"))
 HELDOUT_STICKERS = 60
 SIZE = int(os.environ.get("STICKERBOT_BENCH_SEG_SIZE", "96"))
 BATCH = int(os.environ.get("STICKERBOT_BENCH_SEG_BATCH", "8"))

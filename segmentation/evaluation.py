@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segmentation.pairs import Pair, PairConfig, make_pair
+from segmentation.pairs import Pair, PairConfig, inner_edge, make_pair
 
 if TYPE_CHECKING:
     from pipeline.models import Segmenter
@@ -43,14 +43,9 @@ def iou(pred: np.ndarray, label: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(pred, label).sum() / union)
 
 
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    m = mask.astype(np.uint8)
-    return (m - cv2.erode(m, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
-
-
 def boundary_f(pred: np.ndarray, label: np.ndarray, *, tolerance: int = BOUNDARY_TOLERANCE) -> float:
     """Boundary F-score of two boolean masks with a matching tolerance in pixels."""
-    bp, bl = _boundary(pred), _boundary(label)
+    bp, bl = inner_edge(pred), inner_edge(label)
     if not bp.any() and not bl.any():
         return 1.0
     if not bp.any() or not bl.any():

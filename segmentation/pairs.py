@@ -82,11 +82,17 @@ _VISIBILITY_TRIES = 4
 _VISIBLE_DIFF = 24  # a channel differing by this much (of 255) makes an edge pixel visible
 
 
+def inner_edge(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels that touch a pixel outside it (8-neighbourhood; the image border counts
+    as outside)."""
+    m = mask.astype(np.uint8)
+    return (m - cv2.erode(m, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
+
+
 def edge_visibility(clean: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> float:
     """The share of the label's edge pixels (foreground pixels next to background) whose
     composited colour differs visibly from the background behind them (1.0 without an edge)."""
-    m = mask.astype(np.uint8)
-    edge = (m - cv2.erode(m, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)) > 0
+    edge = inner_edge(mask)
     if not edge.any():
         return 1.0
     diff = np.abs(clean[edge].astype(np.int16) - bg[edge].astype(np.int16)).max(axis=-1)

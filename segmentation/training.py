@@ -35,10 +35,11 @@ matter more than more procedural ones; a photo folder makes backgrounds realisti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,6 @@ class SegTrainConfig:
     warmup_steps: int = 50
     dice_weight: float = 1.0
     max_grad_norm: float | None = None  # clip the gradient norm (None: no clipping)
-    edge_weight: float = 0.0  # extra BCE weight on pixels within ``edge_px`` of a label edge
-    edge_px: int = 2
     ema_decay: float | None = None  # validate and keep an exponential moving average of weights
     warm_size: int | None = None  # progressive resizing: train at this smaller size first ...
     warm_share: float = 0.5  # ... for this share of the planned steps (or of the time budget)
@@ -171,27 +170,9 @@ def split_stickers(
     return train, held
 
 
-def edge_band(masks: torch.Tensor, px: int) -> torch.Tensor:
-    """(N, H, W) {0, 1} masks -> (N, H, W) bool: pixels within ``px`` of a label edge."""
-    import torch.nn.functional as F
-
-    k = 2 * px + 1
-    grown = F.max_pool2d(masks[:, None], k, stride=1, padding=px)[:, 0]
-    shrunk = -F.max_pool2d(-masks[:, None], k, stride=1, padding=px)[:, 0]
-    return grown != shrunk
-
-
-def segmentation_loss(
-    logits: torch.Tensor,
-    masks: torch.Tensor,
-    *,
-    dice_weight: float = 1.0,
-    edge_weight: float = 0.0,
-    edge_px: int = 2,
-) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, *, dice_weight: float = 1.0) -> torch.Tensor:
     """BCE + soft Dice. ``logits`` (N, h, w) foreground logits at any size; ``masks`` (N, H, W)
-    float {0, 1}; logits are upsampled to the mask size first. ``edge_weight`` > 0 weighs the
-    BCE of pixels near a label edge (1 + edge_weight) times, where a coarse model is wrong."""
+    float {0, 1}; logits are upsampled to the mask size first."""
     import torch
     import torch.nn.functional as F
 
@@ -199,11 +180,7 @@ def segmentation_loss(
         logits = F.interpolate(logits[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[
             :, 0
         ]
-    weight = None
-    if edge_weight > 0:
-        weight = 1.0 + edge_weight * edge_band(masks, edge_px).float()
-        weight = weight / weight.mean()
-    bce = F.binary_cross_entropy_with_logits(logits, masks, weight=weight)
+    bce = F.binary_cross_entropy_with_logits(logits, masks)
     prob = torch.sigmoid(logits)
     inter = (prob * masks).sum(dim=(1, 2))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2)) + masks.sum(dim=(1, 2)) + 1)
@@ -228,22 +205,16 @@ class WeightAverage:
             torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach() for k in keys],
                                  1.0 - self.decay)
 
-    def swapped(self) -> _Swap:
-        return _Swap(self)
-
-
-class _Swap:
-    def __init__(self, ema: WeightAverage) -> None:
-        self.ema = ema
-        self.saved: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> None:
-        state = self.ema.model.state_dict()
-        self.saved = {k: state[k].detach().clone() for k in self.ema.shadow}
-        self.ema.model.load_state_dict(self.ema.shadow, strict=False)
-
-    def __exit__(self, *exc: object) -> None:
-        self.ema.model.load_state_dict(self.saved, strict=False)
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Run the block with the averaged weights; the live ones come back after it."""
+        state = self.model.state_dict()
+        saved = {k: state[k].detach().clone() for k in self.shadow}
+        self.model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(saved, strict=False)
 
 
 def _lr_factor(step: int, planned: int, elapsed: float, budget: float | None, warmup: int) -> float:
@@ -387,10 +358,7 @@ def train_segmenter(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(step, planned, elapsed, budget, config.warmup_steps)
             logits = foreground_logit(segmenter, model(pixel_values=x).logits)
-            loss = segmentation_loss(
-                logits, masks, dice_weight=config.dice_weight, edge_weight=config.edge_weight,
-                edge_px=config.edge_px,
-            )
+            loss = segmentation_loss(logits, masks, dice_weight=config.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm:
@@ -405,10 +373,8 @@ def train_segmenter(
                 progress(SegTrainProgress(epoch=epoch, step=step, loss=losses[-1], elapsed=elapsed))
             if budget and elapsed >= budget:
                 break
-        if ema is not None:
-            with ema.swapped():
-                val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
-        else:
+        averaged = ema.swapped() if ema is not None else contextlib.nullcontext()
+        with averaged:  # validate (and keep) the averaged weights when there are any
             val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
         model.train()
         elapsed = time.monotonic() - started
@@ -425,10 +391,7 @@ def train_segmenter(
         if val_iou > best:
             best = val_iou
             meta = {"config": asdict(config), "val_iou": val_iou, "epoch": epoch, "step": step}
-            if ema is not None:
-                with ema.swapped():
-                    save_segmenter(segmenter, out, meta=meta)
-            else:
+            with ema.swapped() if ema is not None else contextlib.nullcontext():
                 save_segmenter(segmenter, out, meta=meta)
         torch.save(
             {

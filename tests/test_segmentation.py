@@ -246,18 +246,13 @@ def test_weight_average_resume_and_progressive_resizing(
 
 def test_fresh_segformer_uses_the_authors_initialisation() -> None:
     from pipeline.architectures import SD15
-    from segmentation.training import edge_band, fresh_segmenter
+    from segmentation.training import fresh_segmenter
 
     model = fresh_segmenter(SD15.segformer, 64).model
     modules = dict(model.named_modules())
     dw = modules["segformer.stages.0.blocks.0.mlp.dwconv.dwconv"].weight
     assert float(dw.detach().std()) == pytest.approx((2 / 9) ** 0.5, rel=0.15)  # He over fan-out 3*3*C/C
     assert float(modules["decode_head.classifier"].weight.detach().std()) == pytest.approx(0.01, rel=0.5)
-    # edge_band: a 10x10 square's pixels within 1 px of its edge, inside and out.
-    mask = torch.zeros(1, 20, 20)
-    mask[0, 5:15, 5:15] = 1
-    band = edge_band(mask, 1)[0]
-    assert int(band.sum()) == 12 * 12 - 8 * 8 and not band[10, 10] and band[4, 4] and not band[3, 10]
 
 
 # --- remover --------------------------------------------------------------------------------------
