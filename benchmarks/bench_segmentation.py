@@ -61,7 +61,7 @@ def _quality(minutes: float) -> None:
     from pipeline.architectures import SD15
     from segmentation.evaluation import IOU_BAR, evaluate
     from segmentation.synthetic import make_stickers
-    from segmentation.training import SegTrainConfig, fresh_segmenter, train_segmenter
+    from segmentation.training import SCRATCH_RECIPE, SegTrainConfig, fresh_segmenter, train_segmenter
 
     start = time.perf_counter()
     train = make_stickers(TRAIN_STICKERS, seed=0, size=STICKER_SIZE)
@@ -72,23 +72,20 @@ def _quality(minutes: float) -> None:
         flush=True,
     )
     seg = fresh_segmenter(SD15.segformer, SIZE)
+    recipe = dict(SCRATCH_RECIPE)
+    if os.environ.get("STICKERBOT_BENCH_SEG_LR"):
+        recipe["lr"] = float(os.environ["STICKERBOT_BENCH_SEG_LR"])
     config = SegTrainConfig(
         size=SIZE,
         batch_size=BATCH,
-        lr=float(os.environ.get("STICKERBOT_BENCH_SEG_LR", "1e-3")),
         epochs=1000,
         pairs_per_epoch=400,
         val_pairs=48,
         minutes=minutes,
         warmup_steps=30,
         seed=0,
-        # What trained fastest from scratch in 4-minute side-by-side runs (see docs/segmentation.md):
-        # BCE alone with clipped gradients at 1e-3, and clean training images (the evaluation
-        # images keep their blur, noise and JPEG artefacts).
-        dice_weight=0.0,
-        max_grad_norm=1.0,
-        degrade=False,
         ema_decay=float(os.environ.get("STICKERBOT_BENCH_SEG_EMA", "0")) or None,
+        **recipe,
     )
     print(
         f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g}, BCE + {config.dice_weight:g} Dice, "

@@ -342,6 +342,16 @@ def test_cli_train_and_eval(
         "4",
         "--no-progress",
     ]
+    # --from-scratch: random weights and the from-scratch recipe, written into the checkpoint's record.
+    scratch = tmp_path / "scratch"
+    scratch_args = [*args[: args.index("--out")], "--out", str(scratch), "--epochs", "1", "--size", "32",
+                    "--pairs-per-epoch", "4", "--val-pairs", "4", "--batch-size", "4", "--no-progress",
+                    "--from-scratch"]
+    assert main(scratch_args) == 0
+    record = json.loads((scratch / "segmenter-training.json").read_text())["config"]
+    recipe = (record["lr"], record["dice_weight"], record["max_grad_norm"], record["degrade"])
+    assert recipe == (1e-3, 0.0, 1.0, False) and record["val_degrade"] is True
+    capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])

@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, default=None, help="training input size in px (default: tiny 64, 256)"
     )
     train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=None, help="default: 1e-3 from scratch, 2e-4 otherwise")
+    train.add_argument(
+        "--lr", type=float, default=None,
+        help="default: 1e-3 from scratch (with BCE alone, clipping and clean images), 2e-4 otherwise",
+    )
     train.add_argument("--pairs-per-epoch", type=int, default=400)
     train.add_argument("--val-pairs", type=int, default=48)
     train.add_argument("--seed", type=int, default=0)
@@ -93,6 +96,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.models import load_segmenter, resolve_sources
     from segmentation.pairs import load_photos
     from segmentation.training import (
+        SCRATCH_RECIPE,
         STATE_FILE,
         SegTrainConfig,
         SegTrainProgress,
@@ -120,17 +124,19 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         source = args.init or resolve_sources(settings).segmenter
         segmenter = load_segmenter(source, device=device, num_labels=1)
-    lr = args.lr if args.lr is not None else (1e-3 if args.from_scratch else 2e-4)
+    recipe = dict(SCRATCH_RECIPE) if args.from_scratch else {"lr": 2e-4}
+    if args.lr is not None:
+        recipe["lr"] = args.lr
     try:
         config = SegTrainConfig(
             size=size,
             batch_size=args.batch_size,
-            lr=lr,
             epochs=args.epochs,
             pairs_per_epoch=args.pairs_per_epoch,
             val_pairs=args.val_pairs,
             minutes=args.minutes,
             seed=args.seed,
+            **recipe,
         )
     except ValueError as exc:
         print(f"stickerbot segmenter train: error: {exc}", file=sys.stderr)
