@@ -381,14 +381,14 @@ def make_pair(
     for attempt in range(_VISIBILITY_TRIES):
         bg = background(family, rng, size, split_photos, split=split)
         clean, alpha = compose(sticker, bg, scale=scale, angle=angle, centre=(cx_box - dx, cy_box - dy))
-        last = attempt == _VISIBILITY_TRIES - 1
-        if last or edge_visibility(clean, bg, label_of(alpha)) >= config.min_visible:
+        mask = label_of(alpha)
+        if attempt == _VISIBILITY_TRIES - 1 or edge_visibility(clean, bg, mask) >= config.min_visible:
             break
         # The sticker's edge melts into this background (a white outline on white): its label
         # could not be learned from the pixels. Draw another background of another family.
         family = str(rng.choice([f for f in families[1:] if f != family]))
     image = degrade(clean, rng, config) if config.degrade else clean.copy()
-    return Pair(image=image, mask=label_of(alpha), alpha=alpha, clean=clean, background=bg, family=family)
+    return Pair(image=image, mask=mask, alpha=alpha, clean=clean, background=bg, family=family)
 
 
 class PairSet:

@@ -17,6 +17,7 @@ from segmentation.evaluation import boundary_f, iou
 from segmentation.pairs import (
     HELDOUT_BACKGROUNDS,
     TRAIN_BACKGROUNDS,
+    Pair,
     PairConfig,
     PairSet,
     compose,
@@ -136,6 +137,16 @@ def test_metrics_see_errors() -> None:
     assert boundary_f(far, mask, tolerance=2) < 0.6
     assert iou(far, mask) == pytest.approx(26 / 38)
     assert iou(mask.T[::-1], mask) == 1.0 and iou(np.zeros_like(mask), mask) == 0.0
+    # Per background family: pooled within each family, families kept apart.
+    from segmentation.evaluation import iou_by_family, score
+
+    blank = np.zeros((64, 64, 3), np.uint8)
+    pairs = [Pair(image=blank, mask=mask, alpha=mask.astype(np.float32), clean=blank, background=blank,
+                  family=family) for family in ("white", "plaid", "plaid")]
+    probs = [mask.astype(np.float32), far.astype(np.float32), np.zeros((64, 64), np.float32)]
+    by_family = iou_by_family(probs, pairs)
+    assert by_family == {"plaid": pytest.approx(26 * 32 / (38 * 32 + 32 * 32)), "white": 1.0}
+    assert score(probs, pairs)["iou"] == pytest.approx((32 + 26) * 32 / ((32 + 38 + 32) * 32))
 
 
 # --- training: a learning signal ------------------------------------------------------------------

@@ -150,14 +150,17 @@ class CeleryJobQueue(SqliteJobQueue):
             default_metrics().queue_unavailable.inc()
             raise QueueUnavailableError(
                 "the job queue (Redis) cannot be reached right now; try again in a minute") from exc
-        with contextlib.suppress(RedisError, OSError, TimeoutError):  # only a resend at startup lost
-            await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # costs at most a resend at start
+            await self._mark_sent(job)
         default_metrics().jobs_submitted.labels(kind=kind.value).inc()
         return job
 
     def _publish(self, job: Job) -> None:
         self.celery_app.send_task(TASK_NAME, args=[task_message(job)], task_id=job.id,
                                   queue=QUEUE_FOR_KIND[job.kind], retry=False)
+
+    async def _mark_sent(self, job: Job) -> None:
+        await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
 
     async def resend_unsent(self) -> list[str]:
         """Send the task message of every queued job not marked as sent; returns their ids."""
@@ -167,7 +170,7 @@ class CeleryJobQueue(SqliteJobQueue):
             if await self.redis.exists(job_key(job.id, "sent")):
                 continue
             await asyncio.wait_for(asyncio.to_thread(self._publish, job), self.publish_timeout)
-            await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
+            await self._mark_sent(job)
             resent.append(job.id)
         if resent:
             log.warning("sent again the messages of %d queued job(s) that had none", len(resent))
