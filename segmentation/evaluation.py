@@ -73,11 +73,12 @@ def heldout_pairs(
 
 
 def probabilities(
-    segmenter: Segmenter, images: Sequence[np.ndarray], *, batch_size: int = 8
+    segmenter: Segmenter, images: Sequence[np.ndarray], *, batch_size: int = 8, flip: bool = False
 ) -> list[np.ndarray]:
     from segmentation.removal import predict_alpha
 
-    return predict_alpha(segmenter, [Image.fromarray(img) for img in images], batch_size=batch_size)
+    pictures = [Image.fromarray(img) for img in images]
+    return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip)
 
 
 def score(
@@ -153,17 +154,19 @@ def evaluate(
     out_dir: str | Path | None = None,
     tolerance: int = BOUNDARY_TOLERANCE,
     refine: bool = True,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Metrics on ``count`` held-out pairs (stickers cycled) at ``size`` px (default: the
-    model's input size). Writes ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
+    model's input size), with mirror test-time augmentation when ``flip``. Writes
+    ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
     from segmentation.removal import model_input_size, remove_background
 
     side = size or model_input_size(segmenter)[0]
     pairs = heldout_pairs(stickers, count, size=side, seed=seed, photos=photos)
-    probs = probabilities(segmenter, [p.image for p in pairs])
+    probs = probabilities(segmenter, [p.image for p in pairs], flip=flip)
     alphas = None
     if refine:
-        cut = remove_background(segmenter, [Image.fromarray(p.image) for p in pairs])
+        cut = remove_background(segmenter, [Image.fromarray(p.image) for p in pairs], flip=flip)
         alphas = [np.asarray(c.getchannel("A"), dtype=np.float32) / 255.0 for c in cut]
     metrics: dict[str, Any] = score(probs, pairs, alphas=alphas, tolerance=tolerance)
     metrics["iou_by_background"] = iou_by_family(probs, pairs)
@@ -174,6 +177,7 @@ def evaluate(
         stickers=len(stickers),
         iou_bar=IOU_BAR,
         passed=bool(metrics["iou"] >= IOU_BAR),
+        flip=flip,
         source=str(segmenter.source),
     )
     if out_dir is not None:

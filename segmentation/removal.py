@@ -136,11 +136,15 @@ def foreground_logit(segmenter: Segmenter, logits: torch.Tensor) -> torch.Tensor
 
 
 def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_size: int = 8,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False) -> list[np.ndarray]:
     """P(foreground) for each image, float32 in [0, 1], at the image's own size (H, W).
 
     Images are resized to the model's input size for the forward pass; the logits (1/4 of that)
-    are upsampled bilinearly to each image's size before the sigmoid, so edges stay smooth."""
+    are upsampled bilinearly to each image's size before the sigmoid, so edges stay smooth.
+
+    ``flip``: mirror test-time augmentation. The model also sees each image mirrored left to
+    right, and the two logit maps (the second mirrored back) are averaged: twice the model time,
+    a steadier edge, and a prediction that mirrors exactly with its input."""
     import torch
     import torch.nn.functional as F
 
@@ -157,8 +161,11 @@ def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_
             for img in chunk
         ])
         with torch.inference_mode():
-            logits = segmenter.model(pixel_values=normalize_batch(segmenter, pixels)).logits
-            fg = foreground_logit(segmenter, logits)
+            x = normalize_batch(segmenter, pixels)
+            fg = foreground_logit(segmenter, segmenter.model(pixel_values=x).logits)
+            if flip:
+                mirrored = foreground_logit(segmenter, segmenter.model(pixel_values=x.flip(-1)).logits)
+                fg = (fg + mirrored.flip(-1)) / 2
             for i, img in enumerate(chunk):
                 w, h = img.size
                 up = F.interpolate(fg[i][None, None], size=(h, w), mode="bilinear", align_corners=False)
@@ -273,24 +280,27 @@ def cut_out(image: Image.Image, alpha: np.ndarray, config: RefineConfig = DEFAUL
 
 @overload
 def remove_background(segmenter: Segmenter, image: Image.Image, *, batch_size: int = ...,
-                      max_pixels: int = ..., config: RefineConfig = ...) -> Image.Image: ...
+                      max_pixels: int = ..., config: RefineConfig = ..., flip: bool = ...) -> Image.Image: ...
 @overload
 def remove_background(segmenter: Segmenter, image: Sequence[Image.Image], *, batch_size: int = ...,
-                      max_pixels: int = ..., config: RefineConfig = ...) -> list[Image.Image]: ...
+                      max_pixels: int = ..., config: RefineConfig = ...,
+                      flip: bool = ...) -> list[Image.Image]: ...
 
 
 def remove_background(segmenter: Segmenter, image: Image.Image | Sequence[Image.Image], *,
                       batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      config: RefineConfig = DEFAULT_REFINE) -> Image.Image | list[Image.Image]:
+                      config: RefineConfig = DEFAULT_REFINE,
+                      flip: bool = False) -> Image.Image | list[Image.Image]:
     """Cut the foreground out of one image (-> an RGBA image) or several (-> a list), each the
     same size as its input. An RGBA input is segmented over white and keeps its own
-    transparency: the output alpha is the product of both."""
+    transparency: the output alpha is the product of both. ``flip``: mirror test-time
+    augmentation (``predict_alpha``)."""
     single = isinstance(image, Image.Image)
     images: list[Image.Image] = [image] if isinstance(image, Image.Image) else list(image)
     # 1. check inputs (named errors for empty, huge or unreadable images)
     rgb = [check_image(img, index=i, max_pixels=max_pixels) for i, img in enumerate(images)]
     # 2. P(foreground) at each image's size
-    alphas = predict_alpha(segmenter, rgb, batch_size=batch_size, max_pixels=max_pixels)
+    alphas = predict_alpha(segmenter, rgb, batch_size=batch_size, max_pixels=max_pixels, flip=flip)
     results = []
     for original, picture, alpha in zip(images, rgb, alphas, strict=True):
         # 3. refine the edge band, decontaminate the fringe colours

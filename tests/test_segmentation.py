@@ -294,6 +294,26 @@ def test_remover_output(trained, stickers: list[Image.Image]) -> None:
     assert min(certain[:4]) > 0  # the trained model is sure somewhere on each training pair
 
 
+def test_mirror_augmentation_makes_the_prediction_mirror_exactly(
+    trained, stickers: list[Image.Image]
+) -> None:
+    from segmentation.removal import predict_alpha, remove_background
+
+    segmenter = trained[0]
+    pair = make_pair(stickers[:4], 1, seed=0, config=PairConfig(size=64, degrade=False))
+    image = Image.fromarray(pair.image)
+    mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    plain, plain_m = predict_alpha(segmenter, [image, mirror])
+    flipped, flipped_m = predict_alpha(segmenter, [image, mirror], flip=True)
+    # A model on its own is not mirror-symmetric; the averaged prediction is, by construction.
+    assert np.abs(plain - plain_m[:, ::-1]).max() > 1e-3
+    assert np.abs(flipped - flipped_m[:, ::-1]).max() < 1e-5
+    # ... and it is the mean of the two logit maps, not of either alone.
+    assert 0 < np.abs(flipped - plain).max() < np.abs(plain - plain_m[:, ::-1]).max()
+    cut = remove_background(segmenter, image, flip=True)
+    assert cut.size == image.size and cut.mode == "RGBA"
+
+
 def test_remover_rejects_bad_input(trained) -> None:
     from segmentation.removal import remove_background
 
@@ -387,12 +407,14 @@ def test_cli_train_and_eval(
                 str(report),
                 "--count",
                 "4",
+                "--flip",
             ]
         )
         == 0
     )
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics) >= {"iou", "boundary_f", "alpha_mae", "passed"} and metrics["images"] == 4
+    assert metrics["flip"] is True
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
     with Image.open(report / "contact-sheet.png") as sheet:
         assert sheet.size == (3 * 32, 4 * 32)

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, default=None, help="evaluation size (default: the model's input size)"
     )
     ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument(
+        "--flip", action="store_true", help="mirror test-time augmentation (twice the model time)"
+    )
 
 
 def _stickers(args: argparse.Namespace, *, procedural_seed: int, size: int) -> list:
@@ -197,6 +200,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         photos=load_photos(args.photos),
         out_dir=args.out,
+        flip=args.flip,
     )
     print(json.dumps(metrics, indent=2))
     return 0
