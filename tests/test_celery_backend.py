@@ -327,6 +327,26 @@ async def test_a_job_whose_message_never_left_is_sent_when_the_bot_starts(queue:
         await restarted.close()
 
 
+async def test_queued_jobs_are_sent_again_when_redis_comes_back_without_its_data(
+        queue: CeleryJobQueue, cluster: Cluster) -> None:
+    r = redis.Redis.from_url(cluster.settings.redis_url)
+    # Both workers busy for a few seconds, so the next job's message waits in Redis.
+    busy = [await queue.submit(JobKind.NOOP, user_id=93, payload={"sleep": 4}) for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while not all([(await queue.get(j.id)).state == JobState.RUNNING for j in busy]):
+        assert time.monotonic() < deadline, cluster.logs()
+        await asyncio.sleep(0.1)
+    waiting = await queue.submit(JobKind.NOOP, user_id=93, payload={})
+    assert r.exists(job_key(waiting.id, "sent"))
+    # Redis loses everything (a restart without persistence, a failover to an empty replica):
+    # the waiting message, the sent marks, the event stream and the bot's reader group.
+    r.flushall()
+    final = await wait_finished(queue, [*(j.id for j in busy), waiting.id], timeout=60)
+    assert final[waiting.id].state == JobState.SUCCEEDED and final[waiting.id].attempts == 1, cluster.logs()
+    assert all(final[j.id].state == JobState.SUCCEEDED for j in busy)
+    assert r.exists(job_key(waiting.id, "sent"))  # marked again when it was sent again
+
+
 async def test_cancel_stops_a_running_job_on_its_worker(queue: CeleryJobQueue, cluster: Cluster) -> None:
     job = await queue.submit(JobKind.NOOP, user_id=88, payload={"sleep": 60})
     cursor, deadline = 0.0, time.monotonic() + 30

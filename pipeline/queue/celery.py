@@ -95,6 +95,9 @@ class CeleryJobQueue(SqliteJobQueue):
         self.consumer = f"bot-{id(self):x}"
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        # Set when queued jobs may have lost their messages: Redis was unreachable when the bot
+        # started, or came back without its data. The event reader then calls resend_unsent().
+        self._resend_pending = False
         self.applied_events = 0  # for tests and metrics
 
     @classmethod
@@ -110,7 +113,8 @@ class CeleryJobQueue(SqliteJobQueue):
         try:
             await queue.resend_unsent()
         except (RedisError, OSError, TimeoutError):
-            log.warning("could not check for unsent job messages (Redis unreachable); next start will")
+            queue._resend_pending = True
+            log.warning("could not check for unsent job messages (Redis unreachable); will when it is back")
         return queue
 
     async def close(self) -> None:
@@ -244,6 +248,10 @@ class CeleryJobQueue(SqliteJobQueue):
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        else:
+            # No group yet: Redis is new, or came back without its data (no persistence, a
+            # failover to an empty replica, FLUSHALL). Queued jobs' messages may be gone with it.
+            self._resend_pending = True
 
     async def pump_events(self, *, block_ms: int = 1000, count: int = 200) -> int:
         """Read and apply one batch of worker events (this consumer's unacknowledged ones first,
@@ -281,6 +289,9 @@ class CeleryJobQueue(SqliteJobQueue):
                 await self._claim_orphans()
                 while not self._closing:
                     await self.pump_events()
+                    if self._resend_pending:
+                        await self.resend_unsent()
+                        self._resend_pending = False
                     delay = 0.5
             except asyncio.CancelledError:
                 raise
