@@ -293,12 +293,9 @@ class Notifier:
             await self.repo.mark_sticker(sticker_id, telegram_file_id=file_id)
 
     async def _sticker_row(self, job: Job, style_id: str | None, item: dict, caption: str) -> str:
-        async with self.repo.conn.execute(
-            "SELECT id FROM stickers WHERE job_id = ? AND path = ?", (job.id, str(item["path"]))
-        ) as cur:
-            row = await cur.fetchone()
-        if row is not None:
-            return str(row[0])
+        existing = await self.repo.sticker_for_result(job.id, str(item["path"]))
+        if existing is not None:
+            return existing
         seed = item.get("seed")
         sticker = await self.repo.add_sticker(
             user_id=job.user_id, style_id=style_id, job_id=job.id, path=str(item["path"]),

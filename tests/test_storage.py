@@ -69,6 +69,34 @@ async def test_ownership_checks_and_cascading_delete(tmp_path):
     await conn.close()
 
 
+async def test_reference_counts_result_lookups_and_the_operators_totals(tmp_path):
+    conn = await db.open_database(tmp_path / "s.sqlite3")
+    repo = Repository(conn)
+    await repo.ensure_user(1)
+    await repo.ensure_user(2)
+    style = await repo.create_style(1, "cats")
+    await repo.add_image(style.id, sha256="b" * 64, path="blobs/shared.png", width=1, height=1,
+                         source="photo")
+    made = await repo.add_sticker(user_id=1, style_id=style.id, job_id="job-1", path="blobs/shared.png",
+                                  emoji="x", caption="", seed=1)
+    await repo.add_sticker(user_id=2, style_id=None, job_id="job-2", path="results/job-2/0.webp",
+                           emoji="x", caption="", seed=None)
+    assert await repo.references("blobs/shared.png") == 2  # one image row, one sticker row
+    assert await repo.references("blobs/nobody.png") == 0
+    assert await repo.sticker_for_result("job-1", "blobs/shared.png") == made.id
+    assert await repo.sticker_for_result("job-1", "results/job-2/0.webp") is None
+    assert await repo.sticker_paths(2) == ["results/job-2/0.webp"]
+    assert await repo.totals() == {"users": 2, "styles": 1, "stickers": 2}
+    assert await repo.job_leases(100.0) == (0, 0, None)
+    for job_id, state, lease, finished in (("a", "running", 150.0, None), ("b", "running", 50.0, None),
+                                           ("c", "succeeded", None, 90.0)):
+        await conn.execute(
+            "INSERT INTO jobs (id, kind, user_id, state, created_at, updated_at, lease_expires_at, "
+            "finished_at) VALUES (?, 'noop', 1, ?, 0, 0, ?, ?)", (job_id, state, lease, finished))
+    assert await repo.job_leases(100.0) == (1, 1, 90.0)  # a live lease, an expired one, the last finish
+    await conn.close()
+
+
 def test_blobs_are_content_addressed_and_paths_checked(tmp_path):
     data = DataDir(tmp_path)
     rel, digest = data.put_blob(b"hello", suffix=".png")

@@ -63,7 +63,7 @@ async def on_forget(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str, 
     await query.answer()
     await forget_user(ctx, user_id)
     await state.clear()
-    await ctx.repo.conn.execute("DELETE FROM fsm WHERE key LIKE ?", (f"%:{user_id}:%",))
+    await ctx.repo.forget_dialogue(user_id)
     await bot.send_message(user_id, t(lang, "delete_me_done"))
 
 
@@ -77,8 +77,7 @@ async def forget_user(ctx: BotContext, user_id: int) -> None:
     for style in await ctx.repo.list_styles(user_id):
         style_ids.append(style.id)
         paths += [img.path for img in await ctx.repo.list_images(style.id)]
-    async with ctx.repo.conn.execute("SELECT path FROM stickers WHERE user_id = ?", (user_id,)) as cur:
-        paths += [str(row[0]) for row in await cur.fetchall()]
+    paths += await ctx.repo.sticker_paths(user_id)
     jobs = await ctx.queue.list_for_user(user_id, limit=100_000)
     for job in jobs:
         photo = job.payload.get("photo")

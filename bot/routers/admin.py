@@ -20,23 +20,13 @@ def ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-async def _scalar(ctx: BotContext, sql: str, args: tuple = ()) -> float | None:
-    async with ctx.repo.conn.execute(sql, args) as cur:
-        row = await cur.fetchone()
-    return None if row is None or row[0] is None else float(row[0])
-
-
 async def worker_health(ctx: BotContext, now: float) -> str:
     """From the jobs table: live leases mean a working worker; expired ones a dead one."""
-    live = await _scalar(ctx, "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at >= ?",
-                         (now,)) or 0
-    stale = await _scalar(ctx, "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at < ?",
-                          (now,)) or 0
+    live, stale, last = await ctx.repo.job_leases(now)
     if stale:
-        return t("en", "worker_stale", n=int(stale))
+        return t("en", "worker_stale", n=stale)
     if live:
-        return t("en", "worker_busy", n=int(live))
-    last = await _scalar(ctx, "SELECT MAX(finished_at) FROM jobs")
+        return t("en", "worker_busy", n=live)
     return t("en", "worker_never") if last is None else t("en", "worker_idle", ago=ago(now - last))
 
 
@@ -50,11 +40,9 @@ async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -
         for kind, states in sorted(counts.items())
     ) or "-"
     depth = sum(states.get("queued", 0) for states in counts.values())
+    totals = await ctx.repo.totals()
     await message.answer(t(
-        lang, "stats",
-        users=int(await _scalar(ctx, "SELECT COUNT(*) FROM users") or 0),
-        styles=int(await _scalar(ctx, "SELECT COUNT(*) FROM styles") or 0),
-        stickers=int(await _scalar(ctx, "SELECT COUNT(*) FROM stickers") or 0),
+        lang, "stats", users=totals["users"], styles=totals["styles"], stickers=totals["stickers"],
         jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()),
     ))
 

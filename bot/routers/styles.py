@@ -153,12 +153,7 @@ async def remove_unreferenced(ctx: BotContext, paths: list[str]) -> None:
     """Delete stored files no image or sticker row refers to any more (blobs are shared by content)."""
     orphans: list[Path] = []
     for path in set(paths):
-        async with ctx.repo.conn.execute(
-            "SELECT (SELECT COUNT(*) FROM images WHERE path = ?) + "
-            "(SELECT COUNT(*) FROM stickers WHERE path = ?)", (path, path)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is not None and row[0] == 0:
+        if await ctx.repo.references(path) == 0:
             try:
                 orphans.append(ctx.data.resolve(path))
             except ValueError:

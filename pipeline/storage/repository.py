@@ -93,6 +93,12 @@ class Repository:
         async with self.conn.execute(sql, args) as cur:
             return [_row(cls, r) for r in await cur.fetchall()]
 
+    async def _scalar(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """The first column of the first row (None without one)."""
+        async with self.conn.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
     # --- users ------------------------------------------------------------------------
     async def ensure_user(self, user_id: int, *, language: str | None = None) -> User:
         now = time.time()
@@ -193,11 +199,13 @@ class Repository:
         )
 
     async def count_images(self, style_id: str) -> int:
-        async with self.conn.execute(
-            "SELECT COUNT(*) FROM images WHERE style_id = ?", (style_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await self._scalar("SELECT COUNT(*) FROM images WHERE style_id = ?", (style_id,)) or 0)
+
+    async def references(self, path: str) -> int:
+        """How many image and sticker rows name a stored file (0: nothing needs it any more)."""
+        return int(await self._scalar(
+            "SELECT (SELECT COUNT(*) FROM images WHERE path = ?) + "
+            "(SELECT COUNT(*) FROM stickers WHERE path = ?)", (path, path)) or 0)
 
     # --- stickers ---------------------------------------------------------------------
     async def add_sticker(self, *, user_id: int, style_id: str | None, job_id: str | None,
@@ -231,8 +239,34 @@ class Repository:
             )
 
     async def count_stickers_since(self, user_id: int, since: float) -> int:
-        async with self.conn.execute(
-            "SELECT COUNT(*) FROM stickers WHERE user_id = ? AND created_at >= ?", (user_id, since)
-        ) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await self._scalar(
+            "SELECT COUNT(*) FROM stickers WHERE user_id = ? AND created_at >= ?", (user_id, since)) or 0)
+
+    async def sticker_for_result(self, job_id: str, path: str) -> str | None:
+        """The id of the sticker row already made from one file of a job's result, if any."""
+        found = await self._scalar("SELECT id FROM stickers WHERE job_id = ? AND path = ?", (job_id, path))
+        return None if found is None else str(found)
+
+    async def sticker_paths(self, user_id: int) -> list[str]:
+        async with self.conn.execute("SELECT path FROM stickers WHERE user_id = ?", (user_id,)) as cur:
+            return [str(row[0]) for row in await cur.fetchall()]
+
+    # --- the operator's view -----------------------------------------------------------
+    async def totals(self) -> dict[str, int]:
+        """Row counts of users, styles and stickers."""
+        return {table: int(await self._scalar(f"SELECT COUNT(*) FROM {table}") or 0)
+                for table in ("users", "styles", "stickers")}
+
+    async def job_leases(self, now: float) -> tuple[int, int, float | None]:
+        """(running jobs with a live lease, running jobs whose lease expired, when the last job
+        finished): how the workers are doing, from the jobs table in the same database."""
+        live = await self._scalar(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at >= ?", (now,))
+        stale = await self._scalar(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (now,))
+        last = await self._scalar("SELECT MAX(finished_at) FROM jobs")
+        return int(live or 0), int(stale or 0), None if last is None else float(last)
+
+    async def forget_dialogue(self, user_id: int) -> None:
+        """Drop the user's conversation state rows (aiogram's FSM storage)."""
+        await self.conn.execute("DELETE FROM fsm WHERE key LIKE ?", (f"%:{user_id}:%",))
