@@ -76,6 +76,9 @@ class StickerOptions:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     caption_prefix: str | None = None  # conditional captioning: BLIP continues this text
     max_caption_words: int = DEFAULT_MAX_WORDS
+    # Mirror test-time augmentation in background removal: twice the segmenter's time, which is
+    # small beside one diffusion step, for steadier edges (docs/segmentation.md).
+    flip: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.variants <= MAX_VARIANTS:
@@ -194,7 +197,7 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
             seeds=options.seeds, style=ref, params=options.generation_params())
     # 5. cut the subject out (soft alpha)
     with timer.stage("segmentation"):
-        cutouts = remove_background(models.models.segmenter, images)
+        cutouts = remove_background(models.models.segmenter, images, flip=options.flip)
     # 6. trim, fit to 512, outline, shadow, encode; check every file against Telegram's rules
     webps: list[bytes] = []
     sizes: list[tuple[int, int]] = []

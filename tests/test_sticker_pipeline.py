@@ -161,6 +161,24 @@ def test_result_and_variants(sticker_models, style_dir) -> None:
     assert again.webp[0] == result.webp[1]
 
 
+def test_background_removal_mirrors_by_default(sticker_models, style_dir, monkeypatch) -> None:
+    import segmentation.removal as removal
+
+    seen: list[bool] = []
+    real = removal.remove_background
+
+    def spy(segmenter, images, **kwargs):
+        seen.append(kwargs.get("flip", False))
+        return real(segmenter, images, **kwargs)
+
+    monkeypatch.setattr(removal, "remove_background", spy)
+    data = encode(photo(seed=2), "JPEG")
+    assert_telegram_sticker(make_sticker(sticker_models, style_dir, data, StickerOptions(**FAST)).webp[0])
+    assert_telegram_sticker(
+        make_sticker(sticker_models, style_dir, data, StickerOptions(flip=False, **FAST)).webp[0])
+    assert seen == [True, False]
+
+
 def test_style_matters_and_base_differs(sticker_models, style_dir, tmp_path) -> None:
     data = encode(photo(seed=2), "JPEG")
     other = tmp_path / "other"
