@@ -159,14 +159,14 @@ def evaluate(
     """Metrics on ``count`` held-out pairs (stickers cycled) at ``size`` px (default: the
     model's input size), with mirror test-time augmentation when ``flip``. Writes
     ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
-    from segmentation.removal import model_input_size, remove_background
+    from segmentation.removal import cut_out, model_input_size
 
     side = size or model_input_size(segmenter)[0]
     pairs = heldout_pairs(stickers, count, size=side, seed=seed, photos=photos)
     probs = probabilities(segmenter, [p.image for p in pairs], flip=flip)
     alphas = None
-    if refine:
-        cut = remove_background(segmenter, [Image.fromarray(p.image) for p in pairs], flip=flip)
+    if refine:  # the remover's matte from the same probabilities (no second forward pass)
+        cut = [cut_out(Image.fromarray(p.image), prob) for p, prob in zip(pairs, probs, strict=True)]
         alphas = [np.asarray(c.getchannel("A"), dtype=np.float32) / 255.0 for c in cut]
     metrics: dict[str, Any] = score(probs, pairs, alphas=alphas, tolerance=tolerance)
     metrics["iou_by_background"] = iou_by_family(probs, pairs)
