@@ -26,6 +26,8 @@ STICKER_SIZE = 160
 
 
 def _timing(device: str) -> None:
+    """Latency at batch 1 and per image in batches of 8, with the factored decode head the product
+    runs (``segmentation.head``) and, side by side in the same run, transformers' own head."""
     from pipeline.architectures import SD15
     from segmentation.removal import predict_alpha
     from segmentation.training import fresh_segmenter
@@ -34,27 +36,41 @@ def _timing(device: str) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(8)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    predict_alpha(seg, images[:1])
-    predict_alpha(seg, images, batch_size=8)
-    sync()
-    runs = 5 if device == "cpu" else 50
-    start = time.perf_counter()
-    for _ in range(runs):
-        predict_alpha(seg, images[:1], batch_size=1)
-    sync()
-    single = (time.perf_counter() - start) / runs
-    runs = 2 if device == "cpu" else 20
-    start = time.perf_counter()
-    for _ in range(runs):
-        predict_alpha(seg, images, batch_size=8)
-    sync()
-    batch = (time.perf_counter() - start) / runs
-    print(
-        f"{device}: b0-sized SegFormer, 512 px (model forward + upsample + sigmoid): "
-        f"{single * 1000:.1f} ms per image (batch 1); batch 8: {batch * 1000:.0f} ms = "
-        f"{8 / batch:.1f} images/s ({batch / 8 * 1000:.1f} ms per image)",
-        flush=True,
-    )
+    head = seg.model.decode_head
+    factored = head.forward
+
+    def timed(batch_size: int, runs: int) -> float:
+        batch = images[:batch_size]
+        predict_alpha(seg, batch, batch_size=batch_size)
+        sync()
+        start = time.perf_counter()
+        for _ in range(runs):
+            predict_alpha(seg, batch, batch_size=batch_size)
+        sync()
+        return (time.perf_counter() - start) / runs / batch_size
+
+    cpu = device == "cpu"
+    results: dict[str, list[float]] = {"factored": [], "transformers": []}
+    for _ in range(3):  # interleaved, so drift on a noisy machine hits both alike
+        for name in results:
+            if name == "factored":
+                head.forward = factored
+            else:
+                del head.forward  # the class's own forward
+            results[name].append(timed(1, 3 if cpu else 30))
+            results[name].append(timed(8, 1 if cpu else 10))
+    head.forward = factored
+    for name, times in results.items():
+        single, per_image = min(times[0::2]), min(times[1::2])
+        print(
+            f"{device}: b0-sized SegFormer, 512 px, {name} decode head (model forward + upsample + "
+            f"sigmoid): {single * 1000:.1f} ms per image at batch 1; {per_image * 1000:.1f} ms per image "
+            f"in batches of 8 ({1 / per_image:.1f} images/s)",
+            flush=True,
+        )
+    (f1, f8), (t1, t8) = ((min(v[0::2]), min(v[1::2])) for v in results.values())
+    print(f"{device}: the factored head is {t1 / f1:.2f}x as fast at batch 1, {t8 / f8:.2f}x in batches of 8",
+          flush=True)
 
 
 def _quality(minutes: float) -> None:

@@ -142,11 +142,13 @@ def fresh_segmenter(
     architecture: dict[str, Any], size: int, *, device: Any = "cpu", seed: int = 0
 ) -> Segmenter:
     """A one-label SegFormer of random weights with a given config (e.g. ``SD15.segformer``),
-    initialised as SegFormer's authors do (``mit_init``)."""
+    initialised as SegFormer's authors do (``mit_init``), with the factored decode head
+    (``segmentation.head``)."""
     import torch
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     from pipeline.models import Segmenter
+    from segmentation.head import factor_decode_head
 
     torch.manual_seed(seed)
     config = SegformerConfig(  # type: ignore[call-arg]
@@ -154,6 +156,7 @@ def fresh_segmenter(
     )
     model = SegformerForSemanticSegmentation(config)
     mit_init(model)
+    factor_decode_head(model)
     model = model.to(device)
     processor = SegformerImageProcessor(size={"height": size, "width": size}, do_reduce_labels=False)
     return Segmenter(model=model.eval(), processor=processor, source=f"fresh:{size}")

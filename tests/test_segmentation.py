@@ -266,6 +266,54 @@ def test_fresh_segformer_uses_the_authors_initialisation() -> None:
     assert float(modules["decode_head.classifier"].weight.detach().std()) == pytest.approx(0.01, rel=0.5)
 
 
+def test_bilinear_upsampling_as_matrix_products_is_exactly_interpolate() -> None:
+    import torch.nn.functional as F
+
+    from segmentation.head import upsample_bilinear
+
+    shapes = [(3, 3, 24, 24), (12, 12, 24, 24), (7, 5, 30, 19), (1, 1, 4, 4), (17, 9, 8, 4)]
+    for h, w, height, width in shapes:
+        x = torch.randn(2, 3, h, w, dtype=torch.float64)
+        want = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        assert torch.allclose(upsample_bilinear(x, (height, width)), want, atol=1e-12)
+
+
+def test_factored_decode_head_computes_transformers_head() -> None:
+    """Same weights, same logits, same gradients as SegformerDecodeHead.forward, in train and eval
+    mode; the state dict (the checkpoint format) is untouched."""
+    import copy
+
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from segmentation.head import factor_decode_head
+
+    torch.manual_seed(0)
+    config = SegformerConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 4],
+        decoder_hidden_size=16, num_labels=2, classifier_dropout_prob=0.0, drop_path_rate=0.0,
+    )
+    reference = SegformerForSemanticSegmentation(config)
+    with torch.no_grad():  # make the head's biases matter
+        for p in reference.decode_head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    factored = factor_decode_head(copy.deepcopy(reference))
+    assert factored.decode_head.forward.__func__ is not type(reference.decode_head).forward
+    assert factored.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 3, 52, 40)
+    for mode in ("train", "eval"):
+        getattr(reference, mode)()
+        getattr(factored, mode)()
+        reference.zero_grad()
+        factored.zero_grad()
+        want, got = reference(pixel_values=x).logits, factored(pixel_values=x).logits
+        assert got.shape == want.shape == (3, 2, 13, 10)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        (want * torch.linspace(-1, 1, want.numel()).reshape(want.shape)).sum().backward()
+        (got * torch.linspace(-1, 1, got.numel()).reshape(got.shape)).sum().backward()
+        for (name, p), q in zip(reference.named_parameters(), factored.parameters(), strict=True):
+            assert torch.allclose(q.grad, p.grad, atol=1e-5, rtol=1e-3), name
+
+
 # --- remover --------------------------------------------------------------------------------------
 
 
