@@ -41,6 +41,7 @@ from pipeline.queue.celery import (
     EVENTS_MAXLEN,
     EVENTS_STREAM,
     KEY_TTL_SECONDS,
+    PRIORITY_RESUMED,
     QUEUE_FOR_KIND,
     QUEUES,
     TASK_NAME,
@@ -369,8 +370,9 @@ def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = 
 
 
 def _republish(app: Celery, message: dict[str, Any]) -> None:
+    """Queue a job again that has already run part-way: ahead of the jobs that have not started."""
     app.send_task(TASK_NAME, args=[message], task_id=message["id"],
-                  queue=QUEUE_FOR_KIND[JobKind(message["kind"])])
+                  queue=QUEUE_FOR_KIND[JobKind(message["kind"])], priority=PRIORITY_RESUMED)
 
 
 def _record(kind: JobKind, seconds: float, *, error: BaseException | None = None,

@@ -421,7 +421,8 @@ async def test_sigkilled_worker_job_is_redelivered_resumes_and_completes_once(
 @pytest.mark.slow
 async def test_a_sticker_preempts_training_on_a_busy_worker(queue: CeleryJobQueue, cluster: Cluster) -> None:
     """One worker serving both queues: a sticker submitted during a long training run is drawn
-    within seconds; the training job steps aside (checkpoint, back to the queue) and goes on."""
+    within seconds; the training job steps aside (checkpoint, back to the queue) and goes on
+    before a training job submitted after it (the order the bot reports positions in)."""
     alive = [w for w in cluster.workers if w.proc.poll() is None]
     for extra in alive[1:]:
         extra.stop(signal.SIGTERM)
@@ -440,6 +441,10 @@ async def test_a_sticker_preempts_training_on_a_busy_worker(queue: CeleryJobQueu
     while not ((job := await queue.get(long_run.id)).state == JobState.RUNNING and job.progress > 0.01):
         assert time.monotonic() < deadline, cluster.logs()
         _events, cursor = await queue.events_since(cursor, wait=0.5)
+    later = await queue.submit(JobKind.TRAIN, user_id=403, payload={
+        "style_id": "later-style", "images": store_sticker_set(cluster.settings, "later"),
+        "class_noun": "cat", "steps": 4, "seed": 3})
+    assert (await queue.position(later.id)).position == 1
     photo = "blobs/preempt-photo.png"
     (cluster.settings.data_dir / photo).write_bytes(picture(42))
     asked = time.monotonic()
@@ -456,7 +461,15 @@ async def test_a_sticker_preempts_training_on_a_busy_worker(queue: CeleryJobQueu
              if f[b"job_id"].decode() == long_run.id]
     assert "released" in kinds, kinds
     print(f"sticker done {waited:.1f} s after it was submitted during training")
+    # 3. the preempted run goes on first; the later training job still waits its turn
+    deadline = time.monotonic() + 60
+    while (await queue.get(long_run.id)).state != JobState.RUNNING:
+        assert time.monotonic() < deadline, cluster.logs()
+        assert (await queue.get(later.id)).state == JobState.QUEUED, "the later job went first"
+        _events, cursor = await queue.events_since(cursor, wait=0.5)
+    assert (await queue.get(later.id)).state == JobState.QUEUED
     await queue.cancel(long_run.id)
     final = (await wait_finished(queue, [long_run.id], timeout=120))[long_run.id]
     assert final.state == JobState.CANCELLED
+    assert (await wait_finished(queue, [later.id], timeout=120))[later.id].state == JobState.SUCCEEDED
     assert not (cluster.settings.data_dir / "styles" / "long-style").exists()

@@ -65,6 +65,13 @@ KEY_TTL_SECONDS = 7 * 86_400
 # Which Celery queue a kind goes to. A worker serves `sticker,train` (stickers first) or one.
 QUEUE_FOR_KIND = {JobKind.STICKER: "sticker", JobKind.TRAIN: "train", JobKind.NOOP: "sticker"}
 QUEUES = ("sticker", "train")
+# Message priorities (kombu's Redis transport: 0 is served first, then 3, 6, 9; across queues a
+# worker reads sticker@0, train@0, sticker@3, train@3, ...). New training jobs go in at 6, so a
+# training job given back part-way (preempted by a sticker, or retried) and sent again at 0 runs
+# before the ones that have not started, as the embedded queue's order and the positions the
+# bot reports say. Stickers are always at 0: before any training job.
+PRIORITY_RESUMED = 0
+PRIORITY_NEW = {JobKind.STICKER: 0, JobKind.TRAIN: 6, JobKind.NOOP: 0}
 
 
 def job_key(job_id: str, name: str) -> str:
@@ -161,7 +168,8 @@ class CeleryJobQueue(SqliteJobQueue):
 
     def _publish(self, job: Job) -> None:
         self.celery_app.send_task(TASK_NAME, args=[task_message(job)], task_id=job.id,
-                                  queue=QUEUE_FOR_KIND[job.kind], retry=False)
+                                  queue=QUEUE_FOR_KIND[job.kind], priority=PRIORITY_NEW[job.kind],
+                                  retry=False)
 
     async def _mark_sent(self, job: Job) -> None:
         await self.redis.set(job_key(job.id, "sent"), "1", ex=KEY_TTL_SECONDS)
