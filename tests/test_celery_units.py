@@ -32,8 +32,8 @@ from pipeline.monitoring import (
     redact,
     start_metrics_server,
 )
-from pipeline.queue.base import JobKind, JobState
-from pipeline.queue.celery import QUEUE_FOR_KIND, TASK_NAME, CeleryJobQueue, task_message
+from pipeline.queue.base import Job, JobKind, JobState
+from pipeline.queue.celery import QUEUE_FOR_KIND, TASK_NAME, CeleryJobQueue, message_priority, task_message
 from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.settings import Settings, load_settings
 
@@ -72,6 +72,21 @@ def test_visibility_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch, tiny_s
     monkeypatch.setenv("STICKERBOT_CELERY_VISIBILITY_TIMEOUT", "-1")
     with pytest.raises(ConfigError, match="STICKERBOT_CELERY_VISIBILITY_TIMEOUT"):
         load_settings()
+
+
+def test_message_priorities_put_stickers_and_resumed_training_first() -> None:
+    """Kombu's Redis transport serves priority 0 first: stickers and training that already ran
+    part-way go there, new training jobs behind them."""
+    from dataclasses import replace
+
+    sticker = Job(id="s", kind=JobKind.STICKER, state=JobState.QUEUED, user_id=1, priority=10, payload={},
+                  attempts=0, max_attempts=3, worker_id=None, lease_expires_at=None, cancel_requested=False,
+                  progress=0.0, progress_message="", result=None, error=None, created_at=0.0,
+                  started_at=None, finished_at=None, updated_at=0.0)
+    train = replace(sticker, id="t", kind=JobKind.TRAIN, priority=0)
+    assert message_priority(sticker) == 0
+    assert message_priority(train) > 0
+    assert message_priority(replace(train, progress=0.3)) == 0
 
 
 def test_task_message_round_trips_to_the_job_a_handler_sees() -> None:

@@ -74,6 +74,12 @@ PRIORITY_RESUMED = 0
 PRIORITY_NEW = {JobKind.STICKER: 0, JobKind.TRAIN: 6, JobKind.NOOP: 0}
 
 
+def message_priority(job: Job) -> int:
+    """The priority a job's message is sent at: a job that has run part-way (sent again after
+    Redis lost its data) keeps its place ahead of those that have not started."""
+    return PRIORITY_RESUMED if job.progress > 0 else PRIORITY_NEW[job.kind]
+
+
 def job_key(job_id: str, name: str) -> str:
     """``stickerbot:job:<id>:<name>``; names: attempts, cancel, done, run (the running lock)."""
     return f"stickerbot:job:{job_id}:{name}"
@@ -168,7 +174,7 @@ class CeleryJobQueue(SqliteJobQueue):
 
     def _publish(self, job: Job) -> None:
         self.celery_app.send_task(TASK_NAME, args=[task_message(job)], task_id=job.id,
-                                  queue=QUEUE_FOR_KIND[job.kind], priority=PRIORITY_NEW[job.kind],
+                                  queue=QUEUE_FOR_KIND[job.kind], priority=message_priority(job),
                                   retry=False)
 
     async def _mark_sent(self, job: Job) -> None:
