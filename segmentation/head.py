@@ -36,15 +36,19 @@ def _interp_matrix_cached(size_in: int, size_out: int, device: Any, dtype: Any) 
     # PyTorch's bilinear rule with align_corners=False and the scale given by the sizes:
     # src = max(0, (dst + 0.5) * in / out - 0.5); neighbours floor(src) and the next (clamped).
     scale = size_in / size_out
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = []
     for dst in range(size_out):
         src = max(0.0, (dst + 0.5) * scale - 0.5)
         low = min(math.floor(src), size_in - 1)
         high = low + 1 if low < size_in - 1 else low
-        frac = src - low
-        matrix[dst, low] += 1.0 - frac
-        matrix[dst, high] += frac
-    return matrix.to(device=device, dtype=dtype)
+        row = [0.0] * size_in
+        row[low] += 1.0 - (src - low)
+        row[high] += src - low
+        rows.append(row)
+    # A cached tensor made under inference_mode would be an inference tensor, which training's
+    # autograd refuses later: make it a normal one whatever mode the first caller is in.
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def interp_matrix(size_in: int, size_out: int, *, like: torch.Tensor) -> torch.Tensor:

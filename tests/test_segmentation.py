@@ -276,6 +276,13 @@ def test_bilinear_upsampling_as_matrix_products_is_exactly_interpolate() -> None
         x = torch.randn(2, 3, h, w, dtype=torch.float64)
         want = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
         assert torch.allclose(upsample_bilinear(x, (height, width)), want, atol=1e-12)
+    # The matrices are cached: one first made under inference_mode (validation) must still serve
+    # training's autograd afterwards.
+    with torch.inference_mode():
+        upsample_bilinear(torch.randn(1, 1, 5, 7), (11, 13))
+    x = torch.randn(1, 1, 5, 7, requires_grad=True)
+    upsample_bilinear(x, (11, 13)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_factored_decode_head_computes_transformers_head() -> None:
