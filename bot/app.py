@@ -118,6 +118,7 @@ class BotApp:
         self._notifier_task: asyncio.Task[None] | None = None
         self._polling: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
+        self._imports_task: asyncio.Task[int] | None = None
 
     @classmethod
     async def create(cls, settings: Settings, options: BotOptions | None = None) -> BotApp:
@@ -150,6 +151,9 @@ class BotApp:
             self.ctx.bot_username = me.username or ""
             await self._set_commands()
             self._notifier_task = asyncio.create_task(self.ctx.notifier.run(), name="notifier")
+            # Pack imports a previous process left part-way go on beside polling.
+            self._imports_task = asyncio.create_task(collect.resume_imports(self.bot, self.ctx),
+                                                     name="resume-imports")
             if self.settings.metrics_port:
                 start_metrics_server(self.settings.metrics_port)
                 self._metrics_task = asyncio.create_task(
@@ -178,6 +182,11 @@ class BotApp:
     async def close(self) -> None:
         if self._metrics_task is not None:
             self._metrics_task.cancel()
+        if self._imports_task is not None and not self._imports_task.done():
+            # Cancelled mid-import, the record stays: the next start goes on with it.
+            self._imports_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._imports_task
         self.ctx.notifier.stop()
         if self._notifier_task is not None:
             try:

@@ -55,6 +55,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "import_progress": "Importing «{name}»: {done}/{total}…",
         "import_done": "Imported {added} image(s) from «{name}». The draft «{draft}» has {count} usable.",
         "import_not_found": "I can't find a sticker pack named «{name}».",
+        "import_resumed": "I was restarted while importing «{name}»; going on from {done}/{total}…",
+        "import_interrupted": (
+            "The import of «{name}» was interrupted and could not go on. What was imported is kept; "
+            "send the link again for the rest."
+        ),
         "import_bad_name": (
             "«{name}» is not a sticker pack name. Send /import NAME or a t.me/addstickers/NAME link."
         ),
@@ -196,6 +201,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "import_progress": "Импорт «{name}»: {done}/{total}…",
         "import_done": "Импортировано {added} из «{name}». В черновике «{draft}» {count} подходящих.",
         "import_not_found": "Не нашёл стикерпак «{name}».",
+        "import_resumed": "Меня перезапустили во время импорта «{name}»; продолжаю с {done}/{total}…",
+        "import_interrupted": (
+            "Импорт «{name}» прервался и не смог продолжиться. Импортированное сохранено; "
+            "пришли ссылку ещё раз, чтобы добавить остальное."
+        ),
         "import_bad_name": (
             "«{name}» — не имя стикерпака. Пришли /import NAME или ссылку t.me/addstickers/NAME."
         ),

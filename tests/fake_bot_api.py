@@ -82,6 +82,7 @@ class FakeBotAPI:
         self.calls: list[Call] = []
         self.files: dict[str, FakeFile] = {}
         self.sticker_sets: dict[str, dict[str, Any]] = {}
+        self.download_delay = 0.0  # seconds each file download takes (slow network)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat, id) -> message
         self.injected: list[Injected] = []
         self.failures: dict[str, list[tuple[int, str, int | None]]] = {}
@@ -262,6 +263,8 @@ class FakeBotAPI:
         if request.match_info["token"] != self.token:
             return web.Response(status=401)
         path = request.match_info["path"]
+        if self.download_delay:
+            await asyncio.sleep(self.download_delay)
         for file in self.files.values():
             if file.file_path == path:
                 return web.Response(body=file.data)

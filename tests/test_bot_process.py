@@ -59,3 +59,57 @@ async def test_bot_command_serves_stops_and_imports_no_model_library(tmp_path: P
         if proc.poll() is None:
             proc.kill()
         await fake.close()
+
+
+async def test_a_pack_import_cut_by_sigkill_goes_on_after_the_restart(tmp_path: Path) -> None:
+    """The bot is SIGKILLed part-way through importing a pack (Telegram has already confirmed the
+    link's update, so it will not come again). The restarted bot goes on from where the record
+    says, and the draft ends with every sticker of the pack exactly once."""
+    import asyncio
+    import sqlite3
+
+    from bot_harness import picture
+
+    fake = FakeBotAPI(TEST_TOKEN)
+    await fake.start()
+    fake.download_delay = 0.3
+    stickers = [fake.sticker_object(fake.add_file(picture(500 + i, fmt="WEBP"), kind="stickers",
+                                                  suffix=".webp")) for i in range(12)]
+    fake.add_sticker_set("LongPack", stickers, title="Long")
+    env = bot_env(clean_env(tmp_path), fake, TEST_TOKEN)
+    db = tmp_path / "data" / "stickerbot.sqlite3"
+
+    def query(sql: str) -> list[tuple[int, ...]]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute(sql).fetchall()
+
+    proc = spawn(["-m", "pipeline.cli", "bot"], env, tmp_path / "bot.log")
+    try:
+        ann = user(61)
+        fake.send_text(ann, "/start")
+        await fake.wait_text(61, "I learn the style", timeout=60)
+        fake.send_text(ann, "https://t.me/addstickers/LongPack")
+        await fake.wait_text(61, "Importing «Long»: ", timeout=30)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        [(done, added)] = query("SELECT done, added FROM pack_imports")
+        assert 0 < done < 12 and added <= done
+        restart = len(fake.calls)
+        await asyncio.sleep(0.5)  # the killed process's last getUpdates is over
+        proc = spawn(["-m", "pipeline.cli", "bot"], env, tmp_path / "bot.log")
+        await fake.wait_text(61, f"going on from {done}/12", timeout=60, start=restart)
+        final = await fake.wait_text(61, "Imported ", timeout=60, start=restart)
+        assert "has 12 usable" in final.text, final.text
+        assert query("SELECT COUNT(*) FROM images") == [(12,)]
+        for _ in range(50):  # the record goes right after the summary is sent
+            if query("SELECT COUNT(*) FROM pack_imports") == [(0,)]:
+                break
+            await asyncio.sleep(0.1)
+        assert query("SELECT COUNT(*) FROM pack_imports") == [(0,)]
+        # The link was handled once: the restarted bot did not start the import over.
+        assert len(fake.calls_to("getStickerSet")) == 2
+        assert "Traceback" not in (tmp_path / "bot.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await fake.close()

@@ -97,6 +97,34 @@ async def test_reference_counts_result_lookups_and_the_operators_totals(tmp_path
     await conn.close()
 
 
+async def test_pack_import_records_move_on_and_go_with_their_user_or_style(tmp_path):
+    conn = await db.open_database(tmp_path / "s.sqlite3")
+    repo = Repository(conn)
+    await repo.ensure_user(1)
+    await repo.ensure_user(2)
+    first = await repo.create_style(1, "cats")
+    other = await repo.create_style(2, "dogs")
+    kw = {"title": "Cats", "chat_id": 1, "message_id": 7, "lang": "en"}
+    record = await repo.start_import(user_id=1, pack="CatsPack", style_id=first.id, **kw)
+    assert (record.done, record.added, record.skipped) == (0, 0, 0)
+    await repo.import_progress(1, "CatsPack", done=5, added=4, skipped=1)
+    await repo.start_import(user_id=2, pack="DogsPack", style_id=other.id, **kw)
+    pending = await repo.pending_imports()
+    assert [(p.user_id, p.pack, p.done, p.added, p.skipped) for p in pending] == [
+        (1, "CatsPack", 5, 4, 1), (2, "DogsPack", 0, 0, 0)]
+    # Starting the same pack again starts it over.
+    again = await repo.start_import(user_id=1, pack="CatsPack", style_id=first.id, **kw)
+    assert again.done == 0
+    await repo.finish_import(1, "CatsPack")
+    assert await repo.get_import(1, "CatsPack") is None
+    await repo.delete_style(other.id)  # the draft is gone: so is its import
+    assert await repo.pending_imports() == []
+    await repo.start_import(user_id=1, pack="CatsPack", style_id=first.id, **kw)
+    await repo.delete_user(1)
+    assert await repo.pending_imports() == []
+    await conn.close()
+
+
 def test_blobs_are_content_addressed_and_paths_checked(tmp_path):
     data = DataDir(tmp_path)
     rel, digest = data.put_blob(b"hello", suffix=".png")

@@ -6,6 +6,9 @@ they have no ready style yet; otherwise it becomes a sticker job (:mod:`bot.rout
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import time
 
@@ -14,6 +17,7 @@ from aiogram.exceptions import TelegramBadRequest
 from aiogram.filters import Command, CommandObject
 from aiogram.fsm.context import FSMContext
 from aiogram.types import CallbackQuery, Message
+from aiogram.types import Sticker as TgSticker
 
 from bot.albums import Album
 from bot.context import BotContext
@@ -30,12 +34,14 @@ from bot.keyboards import train_keyboard
 from bot.routers.stickers import photo_to_sticker
 from bot.states import Collect
 from bot.texts import t
-from pipeline.storage.repository import Style
+from pipeline.storage.repository import PackImport, Style
 
 PACK_LINK = re.compile(r"(?:https?://)?(?:t|telegram)\.me/addstickers/([A-Za-z0-9_]{1,64})\b")
 PACK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 IMPORT_EDIT_INTERVAL = 1.0  # seconds between progress edits of a pack import
+
+log = logging.getLogger(__name__)
 
 
 def is_image_document(message: Message) -> bool:
@@ -188,7 +194,9 @@ async def on_pack_link(message: Message, bot: Bot, ctx: BotContext, lang: str, u
 
 async def import_pack(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                       state: FSMContext, name: str) -> None:
-    """getStickerSet, then each static sticker into the draft, with one progress message."""
+    """getStickerSet, then each static sticker into the draft, with one progress message. The
+    import is recorded (``pack_imports``) as it goes, so a bot that dies part-way goes on with it
+    at its next start (:func:`resume_imports`)."""
     # 1. check the name and fetch the pack
     if not PACK_NAME.match(name):
         await message.answer(t(lang, "import_bad_name", name=name[:64]))
@@ -203,34 +211,86 @@ async def import_pack(message: Message, bot: Bot, ctx: BotContext, lang: str, us
         await message.answer(t(lang, "too_many_styles", limit=ctx.settings.styles_per_user))
         return
     await state.set_state(Collect.images)
-    # 2. import sticker by sticker, editing one progress message at a sensible rate
-    total = len(pack.stickers)
-    progress = await message.answer(t(lang, "import_started", name=pack.title, total=total))
+    progress = await message.answer(t(lang, "import_started", name=pack.title, total=len(pack.stickers)))
+    record = await ctx.repo.start_import(user_id=user_id, pack=pack.name, title=pack.title,
+                                         style_id=draft.id, chat_id=progress.chat.id,
+                                         message_id=progress.message_id, lang=lang)
+    await run_import(bot, ctx, record, pack.stickers, draft)
+
+
+async def run_import(bot: Bot, ctx: BotContext, record: PackImport, stickers: list[TgSticker],
+                     draft: Style) -> None:
+    """Import ``stickers[record.done:]`` into ``draft``, recording progress after each, then
+    replace the progress message with the summary and drop the record. An error ends the import
+    (and its record) and goes on up to the error handler; a cancellation (the bot stopping)
+    leaves the record for the next start."""
+    lang, title, total = record.lang, record.title, len(stickers)
     outcomes: list[Outcome] = []
-    shown = t(lang, "import_started", name=pack.title, total=total)
-    last_edit = time.monotonic()
-    for n, sticker in enumerate(pack.stickers, 1):
-        if sticker.is_animated or sticker.is_video:
-            outcomes.append(skipped_animated(lang, video=sticker.is_video))
-        else:
-            outcomes.append(await add_to_draft(ctx, bot, draft, lang, file_id=sticker.file_id,
-                                               name=f"sticker {n}", declared_size=sticker.file_size,
-                                               source="pack"))
-        text = t(lang, "import_progress", name=pack.title, done=n, total=total)
-        if n < total and time.monotonic() - last_edit >= IMPORT_EDIT_INTERVAL and text != shown:
-            await progress.edit_text(text)
-            shown, last_edit = text, time.monotonic()
-    # 3. the result: how many were added, what was skipped and why
-    added = sum(o.status == "added" for o in outcomes)
-    count = await ctx.repo.count_images(draft.id)
-    text = t(lang, "import_done", added=added, name=pack.title, draft=draft.name, count=count)
-    skipped = [o for o in outcomes if o.status == "skipped"]
-    if skipped:
-        reasons = "\n".join(f"• {o.reason}" for o in skipped[:10])
-        text += "\n" + t(lang, "draft_skipped", skipped=len(skipped), reasons=reasons)
-    if count >= MIN_IMAGES:
-        text += "\n" + t(lang, "draft_ready_hint")
-    await progress.edit_text(text, reply_markup=train_keyboard(lang) if count >= MIN_IMAGES else None)
+    added, skipped = record.added, record.skipped
+    shown, last_edit = "", time.monotonic()
+    try:
+        # 2. import sticker by sticker, editing one progress message at a sensible rate
+        for n in range(record.done + 1, total + 1):
+            sticker = stickers[n - 1]
+            if sticker.is_animated or sticker.is_video:
+                outcome = skipped_animated(lang, video=sticker.is_video)
+            else:
+                outcome = await add_to_draft(ctx, bot, draft, lang, file_id=sticker.file_id,
+                                             name=f"sticker {n}", declared_size=sticker.file_size,
+                                             source="pack")
+            outcomes.append(outcome)
+            added += outcome.status == "added"
+            skipped += outcome.status == "skipped"
+            await ctx.repo.import_progress(record.user_id, record.pack, done=n, added=added, skipped=skipped)
+            text = t(lang, "import_progress", name=title, done=n, total=total)
+            if n < total and time.monotonic() - last_edit >= IMPORT_EDIT_INTERVAL and text != shown:
+                await bot.edit_message_text(text, chat_id=record.chat_id, message_id=record.message_id)
+                shown, last_edit = text, time.monotonic()
+        # 3. the result: how many were added, what was skipped and why
+        count = await ctx.repo.count_images(draft.id)
+        text = t(lang, "import_done", added=added, name=title, draft=draft.name, count=count)
+        if skipped:  # the reasons of this process's share (a resumed import lost the earlier ones)
+            reasons = [f"• {o.reason}" for o in outcomes if o.status == "skipped"][:10]
+            text += "\n" + t(lang, "draft_skipped", skipped=skipped, reasons="\n".join(reasons) or "…")
+        if count >= MIN_IMAGES:
+            text += "\n" + t(lang, "draft_ready_hint")
+        markup = train_keyboard(lang) if count >= MIN_IMAGES else None
+        try:
+            await bot.edit_message_text(text, chat_id=record.chat_id, message_id=record.message_id,
+                                        reply_markup=markup)
+        except TelegramBadRequest:  # the progress message is gone (deleted by the user)
+            await bot.send_message(record.chat_id, text, reply_markup=markup)
+    except asyncio.CancelledError:
+        raise  # the bot is stopping: the record stays, and the next start goes on with it
+    except BaseException:
+        await ctx.repo.finish_import(record.user_id, record.pack)
+        raise
+    await ctx.repo.finish_import(record.user_id, record.pack)
+
+
+async def resume_imports(bot: Bot, ctx: BotContext) -> int:
+    """At bot start: go on with every pack import that a previous bot process did not finish
+    (killed, restarted mid-import). Returns how many went on."""
+    resumed = 0
+    for record in await ctx.repo.pending_imports():
+        draft = await ctx.repo.get_style(record.style_id)
+        try:
+            if draft is None or draft.status != "draft":  # trained or deleted meanwhile
+                await ctx.repo.finish_import(record.user_id, record.pack)
+                continue
+            pack = await bot.get_sticker_set(name=record.pack)
+            await bot.send_message(record.chat_id, t(record.lang, "import_resumed", name=record.title,
+                                                     done=record.done, total=len(pack.stickers)))
+            await run_import(bot, ctx, record, pack.stickers, draft)
+            resumed += 1
+        except Exception as exc:  # one user's import must not stop the others, nor the bot
+            log.warning("could not go on with the import of pack %s for user %s: %s", record.pack,
+                        record.user_id, type(exc).__name__)
+            await ctx.repo.finish_import(record.user_id, record.pack)
+            with contextlib.suppress(Exception):
+                await bot.send_message(record.chat_id, t(record.lang, "import_interrupted",
+                                                         name=record.title))
+    return resumed
 
 
 def create_router() -> Router:

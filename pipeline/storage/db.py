@@ -108,6 +108,25 @@ MIGRATIONS: list[list[str]] = [
     [
         "CREATE INDEX jobs_updated ON jobs(updated_at)",
     ],
+    # 5: sticker-pack imports in progress. The bot writes one when an import starts, moves
+    #    ``done`` on after each sticker and deletes it at the end; a row left by a bot that died
+    #    is picked up at the next start and the import goes on from ``done``.
+    [
+        """CREATE TABLE pack_imports (
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            pack TEXT NOT NULL,                  -- the sticker set's name
+            title TEXT NOT NULL,
+            style_id TEXT NOT NULL REFERENCES styles(id) ON DELETE CASCADE,
+            chat_id INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,         -- the progress message
+            lang TEXT NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,     -- stickers of the pack handled, in pack order
+            added INTEGER NOT NULL DEFAULT 0,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            started_at REAL NOT NULL,
+            PRIMARY KEY (user_id, pack)
+        )""",
+    ],
 ]
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -68,6 +68,23 @@ class Sticker:
     created_at: float
 
 
+@dataclass(frozen=True)
+class PackImport:
+    """A sticker-pack import in progress (``pack_imports``)."""
+
+    user_id: int
+    pack: str
+    title: str
+    style_id: str
+    chat_id: int
+    message_id: int
+    lang: str
+    done: int
+    added: int
+    skipped: int
+    started_at: float
+
+
 def _row(cls: type, row: aiosqlite.Row | None) -> Any:
     if row is None:
         return None
@@ -266,6 +283,34 @@ class Repository:
             "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at < ?", (now,))
         last = await self._scalar("SELECT MAX(finished_at) FROM jobs")
         return int(live or 0), int(stale or 0), None if last is None else float(last)
+
+    # --- pack imports -----------------------------------------------------------------
+    async def start_import(self, *, user_id: int, pack: str, title: str, style_id: str, chat_id: int,
+                           message_id: int, lang: str) -> PackImport:
+        """Record an import that starts now (replacing an earlier record of the same pack)."""
+        await self.conn.execute(
+            "INSERT OR REPLACE INTO pack_imports (user_id, pack, title, style_id, chat_id, message_id, "
+            "lang, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (user_id, pack, title, style_id, chat_id, message_id, lang, time.time()))
+        record = await self.get_import(user_id, pack)
+        assert record is not None
+        return record
+
+    async def get_import(self, user_id: int, pack: str) -> PackImport | None:
+        return await self._one(PackImport, "SELECT * FROM pack_imports WHERE user_id = ? AND pack = ?",
+                               (user_id, pack))
+
+    async def import_progress(self, user_id: int, pack: str, *, done: int, added: int, skipped: int) -> None:
+        await self.conn.execute(
+            "UPDATE pack_imports SET done = ?, added = ?, skipped = ? WHERE user_id = ? AND pack = ?",
+            (done, added, skipped, user_id, pack))
+
+    async def finish_import(self, user_id: int, pack: str) -> None:
+        await self.conn.execute("DELETE FROM pack_imports WHERE user_id = ? AND pack = ?", (user_id, pack))
+
+    async def pending_imports(self) -> list[PackImport]:
+        """Imports a bot process started and did not finish, oldest first."""
+        return await self._all(PackImport, "SELECT * FROM pack_imports ORDER BY started_at", ())
 
     async def forget_dialogue(self, user_id: int) -> None:
         """Drop the user's conversation state rows (aiogram's FSM storage)."""
