@@ -1,12 +1,24 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 
 import pytest
 
 from pipeline.storage import db
 from pipeline.storage.files import DataDir, atomic_directory
 from pipeline.storage.repository import Repository
+
+
+@pytest.fixture
+async def repo(tmp_path) -> AsyncIterator[Repository]:
+    """A repository on a fresh SQLite file, with users 1 and 2."""
+    conn = await db.open_database(tmp_path / "s.sqlite3")
+    repository = Repository(conn)
+    await repository.ensure_user(1)
+    await repository.ensure_user(2)
+    yield repository
+    await conn.close()
 
 
 async def test_fresh_database_reaches_latest_and_is_wal(tmp_path):
@@ -52,11 +64,7 @@ async def test_older_schema_upgrades_without_losing_rows(tmp_path):
     await conn.close()
 
 
-async def test_ownership_checks_and_cascading_delete(tmp_path):
-    conn = await db.open_database(tmp_path / "s.sqlite3")
-    repo = Repository(conn)
-    await repo.ensure_user(1)
-    await repo.ensure_user(2)
+async def test_ownership_checks_and_cascading_delete(repo: Repository) -> None:
     mine = await repo.create_style(1, "mine")
     assert await repo.get_user_style(2, mine.id) is None
     assert await repo.get_user_style(1, mine.id) is not None
@@ -66,14 +74,9 @@ async def test_ownership_checks_and_cascading_delete(tmp_path):
     await repo.delete_user(1)
     assert await repo.get_style(mine.id) is None
     assert await repo.count_images(mine.id) == 0
-    await conn.close()
 
 
-async def test_reference_counts_result_lookups_and_the_operators_totals(tmp_path):
-    conn = await db.open_database(tmp_path / "s.sqlite3")
-    repo = Repository(conn)
-    await repo.ensure_user(1)
-    await repo.ensure_user(2)
+async def test_reference_counts_result_lookups_and_the_operators_totals(repo: Repository) -> None:
     style = await repo.create_style(1, "cats")
     await repo.add_image(style.id, sha256="b" * 64, path="blobs/shared.png", width=1, height=1,
                          source="photo")
@@ -90,18 +93,13 @@ async def test_reference_counts_result_lookups_and_the_operators_totals(tmp_path
     assert await repo.job_leases(100.0) == (0, 0, None)
     for job_id, state, lease, finished in (("a", "running", 150.0, None), ("b", "running", 50.0, None),
                                            ("c", "succeeded", None, 90.0)):
-        await conn.execute(
+        await repo.conn.execute(
             "INSERT INTO jobs (id, kind, user_id, state, created_at, updated_at, lease_expires_at, "
             "finished_at) VALUES (?, 'noop', 1, ?, 0, 0, ?, ?)", (job_id, state, lease, finished))
     assert await repo.job_leases(100.0) == (1, 1, 90.0)  # a live lease, an expired one, the last finish
-    await conn.close()
 
 
-async def test_pack_import_records_move_on_and_go_with_their_user_or_style(tmp_path):
-    conn = await db.open_database(tmp_path / "s.sqlite3")
-    repo = Repository(conn)
-    await repo.ensure_user(1)
-    await repo.ensure_user(2)
+async def test_pack_import_records_move_on_and_go_with_their_user_or_style(repo: Repository) -> None:
     first = await repo.create_style(1, "cats")
     other = await repo.create_style(2, "dogs")
     kw = {"title": "Cats", "chat_id": 1, "message_id": 7, "lang": "en"}
@@ -122,7 +120,6 @@ async def test_pack_import_records_move_on_and_go_with_their_user_or_style(tmp_p
     await repo.start_import(user_id=1, pack="CatsPack", style_id=first.id, **kw)
     await repo.delete_user(1)
     assert await repo.pending_imports() == []
-    await conn.close()
 
 
 def test_blobs_are_content_addressed_and_paths_checked(tmp_path):
