@@ -77,7 +77,7 @@ def _quality(minutes: float) -> None:
     from pipeline.architectures import SD15
     from segmentation.evaluation import IOU_BAR, evaluate
     from segmentation.synthetic import make_stickers
-    from segmentation.training import SCRATCH_RECIPE, SegTrainConfig, fresh_segmenter, train_segmenter
+    from segmentation.training import SegTrainConfig, fresh_segmenter, scratch_recipe, train_segmenter
 
     start = time.perf_counter()
     train = make_stickers(TRAIN_STICKERS, seed=0, size=STICKER_SIZE)
@@ -88,7 +88,7 @@ def _quality(minutes: float) -> None:
         flush=True,
     )
     seg = fresh_segmenter(SD15.segformer, SIZE)
-    recipe = dict(SCRATCH_RECIPE)
+    recipe = scratch_recipe(SIZE)
     if os.environ.get("STICKERBOT_BENCH_SEG_LR"):
         recipe["lr"] = float(os.environ["STICKERBOT_BENCH_SEG_LR"])
     config = SegTrainConfig(
@@ -106,7 +106,8 @@ def _quality(minutes: float) -> None:
     print(
         f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g}, BCE + {config.dice_weight:g} Dice, "
         f"clip {config.max_grad_norm}, degradations {'on' if config.degrade else 'off'}, SegFormer init, "
-        f"weight average {config.ema_decay or 'off'}",
+        f"weight average {config.ema_decay or 'off'}, progressive resizing "
+        f"{f'{config.warm_size} px for the first {config.warm_share:.0%}' if config.warm_size else 'off'}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,10 +124,11 @@ def _quality(minutes: float) -> None:
         out = os.environ.get("STICKERBOT_BENCH_SEG_OUT")
         metrics = evaluate(best, held[20:], count=120, size=SIZE, seed=7, out_dir=out)
         mirrored = evaluate(best, held[20:], count=120, size=SIZE, seed=7, flip=True)
+    warm = f" ({config.warm_size} px for the first {config.warm_share:.0%})" if config.warm_size else ""
     print(
         f"trained from random weights for {result.seconds / 60:.1f} min on CPU ({result.steps} steps of "
-        f"{config.batch_size} at {SIZE} px, best of {result.epochs} epochs by validation on other held-out "
-        f"stickers)",
+        f"{config.batch_size} at {SIZE} px{warm}, "
+        f"best of {result.epochs} epochs by validation on other held-out stickers)",
         flush=True,
     )
     print(

@@ -86,6 +86,16 @@ class SegTrainConfig:
 SCRATCH_RECIPE: dict[str, Any] = {"lr": 1e-3, "dice_weight": 0.0, "max_grad_norm": 1.0, "degrade": False}
 
 
+def scratch_recipe(size: int) -> dict[str, Any]:
+    """``SCRATCH_RECIPE`` plus progressive resizing: the first half of the budget at two thirds
+    of ``size`` (64 px for 96), where a step costs about half, then ``size``. Side by side in 10
+    CPU minutes it scored 0.885 against 0.849 and 0.871 against 0.850 (docs/segmentation.md):
+    from random weights, more steps beat bigger images early on."""
+    warm = max(32, (size * 2 // 3) // 16 * 16)
+    extra: dict[str, Any] = {"warm_size": warm, "warm_share": 0.5} if warm < size else {}
+    return {**SCRATCH_RECIPE, **extra}
+
+
 @dataclass
 class SegTrainProgress:
     epoch: int

@@ -255,6 +255,17 @@ def test_weight_average_resume_and_progressive_resizing(
     assert (again.steps, again.history[:4]) == (10, first.history)
 
 
+def test_scratch_recipe_starts_at_two_thirds_of_the_size_for_half_the_budget() -> None:
+    from segmentation.training import SCRATCH_RECIPE, SegTrainConfig, scratch_recipe
+
+    recipe = scratch_recipe(96)
+    assert (recipe["warm_size"], recipe["warm_share"]) == (64, 0.5)
+    assert {k: recipe[k] for k in SCRATCH_RECIPE} == SCRATCH_RECIPE
+    assert scratch_recipe(512)["warm_size"] == 336
+    assert "warm_size" not in scratch_recipe(32)  # nothing smaller to start at
+    SegTrainConfig(size=96, **recipe)  # every key is a training option
+
+
 def test_fresh_segformer_uses_the_authors_initialisation() -> None:
     from pipeline.architectures import SD15
     from segmentation.training import fresh_segmenter

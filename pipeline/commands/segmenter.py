@@ -99,11 +99,11 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.models import load_segmenter, resolve_sources
     from segmentation.pairs import load_photos
     from segmentation.training import (
-        SCRATCH_RECIPE,
         STATE_FILE,
         SegTrainConfig,
         SegTrainProgress,
         fresh_segmenter,
+        scratch_recipe,
         train_segmenter,
     )
 
@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         source = args.init or resolve_sources(settings).segmenter
         segmenter = load_segmenter(source, device=device, num_labels=1)
-    recipe = dict(SCRATCH_RECIPE) if args.from_scratch else {"lr": 2e-4}
+    recipe = scratch_recipe(size) if args.from_scratch else {"lr": 2e-4}
     if args.lr is not None:
         recipe["lr"] = args.lr
     try:
