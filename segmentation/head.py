@@ -73,18 +73,17 @@ def factored_decode_forward(self: Any, encoder_hidden_states: Any, **kwargs: Any
     batch = encoder_hidden_states[0].shape[0]
     size = (encoder_hidden_states[0].shape[2], encoder_hidden_states[0].shape[3])
     stages = len(self.linear_projections)
-    width = self.config.decoder_hidden_size
-    fuse = self.linear_fuse.weight.reshape(width, stages * width)
+    channels = self.config.decoder_hidden_size
+    fuse = self.linear_fuse.weight.reshape(channels, stages * channels)
     total = None
     projections = self.linear_projections
     for index, (state, projection) in enumerate(zip(encoder_hidden_states, projections, strict=True)):
-        height, width_px = state.shape[2], state.shape[3]
         # The fused input lists the stages last first (transformers' ``cat(all[::-1])``).
-        block = fuse[:, (stages - 1 - index) * width : (stages - index) * width]
+        block = fuse[:, (stages - 1 - index) * channels : (stages - index) * channels]
         weight = block @ projection.proj.weight  # (D, C_i)
         bias = block @ projection.proj.bias  # (D,)
         mapped = torch.matmul(weight, state.flatten(2)) + bias[:, None]  # (N, D, h * w)
-        mapped = upsample_bilinear(mapped.reshape(batch, -1, height, width_px), size)
+        mapped = upsample_bilinear(mapped.reshape(batch, channels, *state.shape[2:]), size)
         total = mapped if total is None else total + mapped
     hidden = self.activation(self.batch_norm(total))
     hidden = self.dropout(hidden)

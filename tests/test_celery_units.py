@@ -32,7 +32,7 @@ from pipeline.monitoring import (
     redact,
     start_metrics_server,
 )
-from pipeline.queue.base import Job, JobKind, JobState
+from pipeline.queue.base import JobKind, JobState
 from pipeline.queue.celery import QUEUE_FOR_KIND, TASK_NAME, CeleryJobQueue, message_priority, task_message
 from pipeline.queue.sqlite import SqliteJobQueue
 from pipeline.settings import Settings, load_settings
@@ -79,11 +79,8 @@ def test_message_priorities_put_stickers_and_resumed_training_first() -> None:
     part-way go there, new training jobs behind them."""
     from dataclasses import replace
 
-    sticker = Job(id="s", kind=JobKind.STICKER, state=JobState.QUEUED, user_id=1, priority=10, payload={},
-                  attempts=0, max_attempts=3, worker_id=None, lease_expires_at=None, cancel_requested=False,
-                  progress=0.0, progress_message="", result=None, error=None, created_at=0.0,
-                  started_at=None, finished_at=None, updated_at=0.0)
-    train = replace(sticker, id="t", kind=JobKind.TRAIN, priority=0)
+    sticker = job_from_message({"id": "s", "kind": "sticker", "user_id": 1, "priority": 10}, attempt=0)
+    train = job_from_message({"id": "t", "kind": "train", "user_id": 1}, attempt=0)
     assert message_priority(sticker) == 0
     assert message_priority(train) > 0
     assert message_priority(replace(train, progress=0.3)) == 0

@@ -273,8 +273,8 @@ async def resume_imports(bot: Bot, ctx: BotContext) -> int:
     (killed, restarted mid-import). Returns how many went on."""
     resumed = 0
     for record in await ctx.repo.pending_imports():
-        draft = await ctx.repo.get_style(record.style_id)
         try:
+            draft = await ctx.repo.get_style(record.style_id)
             if draft is None or draft.status != "draft":  # trained or deleted meanwhile
                 await ctx.repo.finish_import(record.user_id, record.pack)
                 continue
