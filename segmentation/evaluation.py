@@ -10,7 +10,9 @@ used in training), with the same degradations as training.
   the label are matched within ``tolerance`` px; precision and recall of the matching, F = their
   harmonic mean, averaged over images.
 - Alpha MAE: mean |predicted alpha - composited alpha| (both in [0, 1]), where the predicted alpha
-  is the remover's refined matte (guided filter, as users get it) at the image's size.
+  is the remover's refined matte (edge snapped to the colour boundary, guided filter: as users
+  get it) at the image's size.
+- Matte IoU: the IoU of that matte (alpha >= 0.5), beside the segmenter's own IoU.
 
 ``evaluate`` returns a dict (also written as JSON) and draws a PNG contact sheet: one row per
 image with the input, the predicted alpha and an error map (red: missed foreground, blue: false
@@ -73,12 +75,17 @@ def heldout_pairs(
 
 
 def probabilities(
-    segmenter: Segmenter, images: Sequence[np.ndarray], *, batch_size: int = 8, flip: bool = False
+    segmenter: Segmenter,
+    images: Sequence[np.ndarray],
+    *,
+    batch_size: int = 8,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> list[np.ndarray]:
     from segmentation.removal import predict_alpha
 
     pictures = [Image.fromarray(img) for img in images]
-    return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip)
+    return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip, scales=scales)
 
 
 def score(
@@ -88,9 +95,11 @@ def score(
     alphas: Sequence[np.ndarray] | None = None,
     tolerance: int = BOUNDARY_TOLERANCE,
 ) -> dict[str, float]:
-    """Pooled IoU, mean boundary F and mean alpha MAE (of ``alphas`` if given, else of the
-    probabilities themselves)."""
+    """Pooled IoU and mean boundary F of the probabilities (P >= 0.5), mean alpha MAE (of
+    ``alphas`` if given, else of the probabilities themselves); with ``alphas``, also
+    ``matte_iou``: the pooled IoU of the matte (alpha >= 0.5), what the remover's users get."""
     inter = union = 0
+    matte_inter = matte_union = 0
     fs, maes = [], []
     for i, (prob, pair) in enumerate(zip(probs, pairs, strict=True)):
         pred = prob >= 0.5
@@ -99,11 +108,17 @@ def score(
         fs.append(boundary_f(pred, pair.mask, tolerance=tolerance))
         alpha = prob if alphas is None else alphas[i]
         maes.append(float(np.abs(alpha.astype(np.float32) - pair.alpha).mean()))
-    return {
+        matte = alpha >= 0.5
+        matte_inter += int(np.logical_and(matte, pair.mask).sum())
+        matte_union += int(np.logical_or(matte, pair.mask).sum())
+    metrics = {
         "iou": 1.0 if union == 0 else inter / union,
         "boundary_f": float(np.mean(fs)),
         "alpha_mae": float(np.mean(maes)),
     }
+    if alphas is not None:
+        metrics["matte_iou"] = 1.0 if matte_union == 0 else matte_inter / matte_union
+    return metrics
 
 
 def iou_by_family(probs: Sequence[np.ndarray], pairs: Sequence[Pair]) -> dict[str, float]:
@@ -155,15 +170,16 @@ def evaluate(
     tolerance: int = BOUNDARY_TOLERANCE,
     refine: bool = True,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, Any]:
     """Metrics on ``count`` held-out pairs (stickers cycled) at ``size`` px (default: the
-    model's input size), with mirror test-time augmentation when ``flip``. Writes
-    ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
+    model's input size), with test-time augmentation when ``flip`` or several ``scales``
+    (``predict_alpha``). Writes ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
     from segmentation.removal import cut_out, model_input_size
 
     side = size or model_input_size(segmenter)[0]
     pairs = heldout_pairs(stickers, count, size=side, seed=seed, photos=photos)
-    probs = probabilities(segmenter, [p.image for p in pairs], flip=flip)
+    probs = probabilities(segmenter, [p.image for p in pairs], flip=flip, scales=scales)
     alphas = None
     if refine:  # the remover's matte from the same probabilities (no second forward pass)
         cut = [cut_out(Image.fromarray(p.image), prob) for p, prob in zip(pairs, probs, strict=True)]
@@ -178,6 +194,7 @@ def evaluate(
         iou_bar=IOU_BAR,
         passed=bool(metrics["iou"] >= IOU_BAR),
         flip=flip,
+        scales=list(scales),
         source=str(segmenter.source),
     )
     if out_dir is not None:

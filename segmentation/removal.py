@@ -3,10 +3,13 @@
 ``remove_background`` runs four steps for each image:
 
 1. the segmenter's logits (1/4 of the model's input size) are upsampled to the image's own size
-   and turned into a probability of foreground (``predict_alpha``);
-2. the edge band of that alpha is refined with a guided filter (He et al., 2010) guided by the
-   image itself, so the matte follows real colour edges instead of the 4x-upsampled logit grid;
-   away from the edge the alpha is snapped to exactly 0 or 255;
+   and turned into a probability of foreground (``predict_alpha``; optionally averaged over
+   mirrored and rescaled views);
+2. the edge is snapped to the colour boundary (``snap_edge``: in a band a pixel wide, alpha from
+   the local foreground and background colours), then the edge band is refined with a guided
+   filter (He et al., 2010) guided by the image itself, so the matte follows real colour edges
+   instead of the 4x-upsampled logit grid; away from the edge the alpha is snapped to exactly 0
+   or 255;
 3. the foreground colour at the fringe is re-estimated (Forte & Pitie's blur-fusion foreground
    estimation, 2021), so the old background does not bleed into semi-transparent edge pixels;
 4. the result is assembled as RGBA at the input size.
@@ -47,6 +50,10 @@ class RefineConfig:
     guided_eps: float = 1e-3  # guided-filter regularisation: larger = smoother, less edge-following
     fusion_radii: tuple[float, float] = (0.09, 0.008)  # blur-fusion passes, coarse then fine
     decontaminate: bool = True  # re-estimate fringe colours (step 3)
+    snap: bool = True  # move the edge to the colour boundary first (``snap_edge``)
+    snap_band: float = 0.01  # half-width of the band where it may move
+    snap_radius: float = 0.02  # window of the local foreground and background colour means
+    snap_contrast: float = 0.05  # least distance of those means (RGB in [0, 1]) to trust them
 
 
 DEFAULT_REFINE = RefineConfig()
@@ -136,40 +143,57 @@ def foreground_logit(segmenter: Segmenter, logits: torch.Tensor) -> torch.Tensor
 
 
 def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_size: int = 8,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False) -> list[np.ndarray]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False,
+                  scales: Sequence[float] = (1.0,)) -> list[np.ndarray]:
     """P(foreground) for each image, float32 in [0, 1], at the image's own size (H, W).
 
     Images are resized to the model's input size for the forward pass; the logits (1/4 of that)
     are upsampled bilinearly to each image's size before the sigmoid, so edges stay smooth.
 
-    ``flip``: mirror test-time augmentation. The model also sees each image mirrored left to
-    right, and the two logit maps (the second mirrored back) are averaged: twice the model time,
-    a steadier edge, and a prediction that mirrors exactly with its input."""
+    Test-time augmentation (each view costs one more forward pass; the logits of all views are
+    averaged at the image's size):
+
+    - ``flip``: the model also sees each image mirrored left to right (the logits mirrored back),
+      a steadier edge and a prediction that mirrors exactly with its input;
+    - ``scales``: the model also runs at other multiples of its input size (``(1.0, 4 / 3)``: at
+      96 and 128 px for a 96-px model). A larger input puts the stride-4 logit grid closer to
+      the pixels, so edges land more precisely; each scale costs its square in model time."""
     import torch
     import torch.nn.functional as F
 
     rgb = [check_image(img, index=i, max_pixels=max_pixels) for i, img in enumerate(images)]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if not scales or any(not 0.25 <= s <= 4.0 for s in scales):
+        raise ValueError(
+            f"scales must be between 0.25 and 4 times the model's input size, not {tuple(scales)}"
+        )
     height, width = model_input_size(segmenter)
+    views = [(max(32, round(height * s)), max(32, round(width * s))) for s in scales]
     out: list[np.ndarray] = []
     for start in range(0, len(rgb), batch_size):
         chunk = rgb[start:start + batch_size]
-        pixels = np.stack([
-            np.asarray(img if img.size == (width, height)
-                       else img.resize((width, height), Image.Resampling.BILINEAR))
-            for img in chunk
-        ])
+        upsampled: list[list[torch.Tensor]] = [[] for _ in chunk]  # per image, one map per view
+        for view_h, view_w in views:
+            pixels = np.stack([
+                np.asarray(img if img.size == (view_w, view_h)
+                           else img.resize((view_w, view_h), Image.Resampling.BILINEAR))
+                for img in chunk
+            ])
+            with torch.inference_mode():
+                x = normalize_batch(segmenter, pixels)
+                fg = foreground_logit(segmenter, segmenter.model(pixel_values=x).logits)
+                if flip:
+                    mirrored = foreground_logit(segmenter, segmenter.model(pixel_values=x.flip(-1)).logits)
+                    fg = (fg + mirrored.flip(-1)) / 2
+                for i, img in enumerate(chunk):
+                    w, h = img.size
+                    up = F.interpolate(fg[i][None, None], size=(h, w), mode="bilinear", align_corners=False)
+                    upsampled[i].append(up[0, 0])
         with torch.inference_mode():
-            x = normalize_batch(segmenter, pixels)
-            fg = foreground_logit(segmenter, segmenter.model(pixel_values=x).logits)
-            if flip:
-                mirrored = foreground_logit(segmenter, segmenter.model(pixel_values=x.flip(-1)).logits)
-                fg = (fg + mirrored.flip(-1)) / 2
-            for i, img in enumerate(chunk):
-                w, h = img.size
-                up = F.interpolate(fg[i][None, None], size=(h, w), mode="bilinear", align_corners=False)
-                out.append(torch.sigmoid(up[0, 0]).cpu().numpy().astype(np.float32))
+            for maps in upsampled:
+                logit = torch.stack(maps).mean(dim=0)
+                out.append(torch.sigmoid(logit).cpu().numpy().astype(np.float32))
     return out
 
 
@@ -216,12 +240,52 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
             + _box(bias, radius))
 
 
+def snap_edge(image: np.ndarray, alpha: np.ndarray, config: RefineConfig = DEFAULT_REFINE) -> np.ndarray:
+    """Move the 0.5 contour of a coarse P(foreground) to the colour boundary (the image
+    (H, W, 3) float in [0, 1]; the alpha (H, W)).
+
+    The model's logits live on a grid 4 times coarser than its input, so its edge is often a
+    pixel off. In a thin band around the contour, each pixel is compared with the mean colour of
+    the confident foreground (F) and background (B) pixels near it, outside the band: the alpha
+    of a pixel that mixes the two is its projection on the line from B to F (the colour-line
+    model of natural image matting), ``a = (I - B) . (F - B) / |F - B|^2``, clipped to [0, 1].
+    Where F and B are too alike to tell apart (closer than ``snap_contrast``), or one side has
+    no confident pixel nearby, the model's alpha stays."""
+    side = min(alpha.shape)
+    band_r = max(1, round(config.snap_band * side))
+    radius = max(band_r + 1, round(config.snap_radius * side))  # reaches past the band
+    hard = (alpha >= 0.5).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band_r + 1, 2 * band_r + 1))
+    band = cv2.dilate(hard, kernel) != cv2.erode(hard, kernel)
+    if not band.any():
+        return alpha
+
+    def window_sum(x: np.ndarray) -> np.ndarray:
+        k = 2 * radius + 1
+        return cv2.boxFilter(x, ddepth=-1, ksize=(k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+
+    image = image.astype(np.float32)
+    sure_fg = ((hard == 1) & ~band).astype(np.float32)
+    sure_bg = ((hard == 0) & ~band).astype(np.float32)
+    count_fg, count_bg = window_sum(sure_fg), window_sum(sure_bg)
+    mean_fg = window_sum(image * sure_fg[..., None]) / np.maximum(count_fg, 1e-6)[..., None]
+    mean_bg = window_sum(image * sure_bg[..., None]) / np.maximum(count_bg, 1e-6)[..., None]
+    line = mean_fg - mean_bg
+    length2 = (line * line).sum(axis=-1)
+    projected = np.clip(((image - mean_bg) * line).sum(axis=-1) / (length2 + 1e-6), 0.0, 1.0)
+    trusted = band & (count_fg > 0) & (count_bg > 0) & (length2 > config.snap_contrast**2)
+    return np.where(trusted, projected, alpha).astype(np.float32)
+
+
 def refine_alpha(image: np.ndarray, alpha: np.ndarray, config: RefineConfig = DEFAULT_REFINE) -> np.ndarray:
     """Coarse P(foreground) (H, W) + the image (H, W, 3, float in [0, 1]) -> the final alpha.
 
-    Outside a thin band around the 0.5 contour the alpha is snapped to exactly 0 or 1 (where the
+    First the contour moves to the colour boundary (``snap_edge``, when ``config.snap``). Then,
+    outside a thin band around the 0.5 contour the alpha is snapped to exactly 0 or 1 (where the
     model is certain, or far from any edge); inside the band the guided filter's output, clipped
     to [0, 1], replaces it."""
+    if config.snap:
+        alpha = snap_edge(image, alpha, config)
     h, w = alpha.shape
     side = min(h, w)
     hard = (alpha >= 0.5).astype(np.uint8)
@@ -280,30 +344,32 @@ def cut_out(image: Image.Image, alpha: np.ndarray, config: RefineConfig = DEFAUL
 
 @overload
 def remove_background(segmenter: Segmenter, image: Image.Image, *, batch_size: int = ...,
-                      max_pixels: int = ..., config: RefineConfig = ..., flip: bool = ...) -> Image.Image: ...
+                      max_pixels: int = ..., config: RefineConfig = ..., flip: bool = ...,
+                      scales: Sequence[float] = ...) -> Image.Image: ...
 @overload
 def remove_background(segmenter: Segmenter, image: Sequence[Image.Image], *, batch_size: int = ...,
                       max_pixels: int = ..., config: RefineConfig = ...,
-                      flip: bool = ...) -> list[Image.Image]: ...
+                      flip: bool = ..., scales: Sequence[float] = ...) -> list[Image.Image]: ...
 
 
 def remove_background(segmenter: Segmenter, image: Image.Image | Sequence[Image.Image], *,
                       batch_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      config: RefineConfig = DEFAULT_REFINE,
-                      flip: bool = False) -> Image.Image | list[Image.Image]:
+                      config: RefineConfig = DEFAULT_REFINE, flip: bool = False,
+                      scales: Sequence[float] = (1.0,)) -> Image.Image | list[Image.Image]:
     """Cut the foreground out of one image (-> an RGBA image) or several (-> a list), each the
     same size as its input. An RGBA input is segmented over white and keeps its own
-    transparency: the output alpha is the product of both. ``flip``: mirror test-time
-    augmentation (``predict_alpha``)."""
+    transparency: the output alpha is the product of both. ``flip`` and ``scales``: mirror and
+    multi-scale test-time augmentation (``predict_alpha``)."""
     single = isinstance(image, Image.Image)
     images: list[Image.Image] = [image] if isinstance(image, Image.Image) else list(image)
     # 1. check inputs (named errors for empty, huge or unreadable images)
     rgb = [check_image(img, index=i, max_pixels=max_pixels) for i, img in enumerate(images)]
     # 2. P(foreground) at each image's size
-    alphas = predict_alpha(segmenter, rgb, batch_size=batch_size, max_pixels=max_pixels, flip=flip)
+    alphas = predict_alpha(segmenter, rgb, batch_size=batch_size, max_pixels=max_pixels, flip=flip,
+                           scales=scales)
     results = []
     for original, picture, alpha in zip(images, rgb, alphas, strict=True):
-        # 3. refine the edge band, decontaminate the fringe colours
+        # 3. snap the edge to the colour boundary, refine the edge band, decontaminate the fringe
         out = cut_out(picture, alpha, config)
         # 4. an input that was already partly transparent stays so
         if original.mode in ("RGBA", "LA", "PA", "P") and original.mode != "RGB":

@@ -446,8 +446,9 @@ def test_cli_train_and_eval(
                     "--from-scratch"]
     assert main(scratch_args) == 0
     record = json.loads((scratch / "segmenter-training.json").read_text())["config"]
-    recipe = (record["lr"], record["dice_weight"], record["max_grad_norm"], record["degrade"])
-    assert recipe == (1e-3, 0.0, 1.0, False) and record["val_degrade"] is True
+    keys = ("lr", "dice_weight", "max_grad_norm", "degrade", "dropout", "hard_share", "warmup_steps")
+    recipe = tuple(record[k] for k in keys)
+    assert recipe == (1.5e-3, 0.0, 1.0, False, False, 0.25, 150) and record["val_degrade"] is True
     capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -474,13 +475,18 @@ def test_cli_train_and_eval(
                 "--count",
                 "4",
                 "--flip",
+                "--scales",
+                "1",
+                "1.5",
             ]
         )
         == 0
     )
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics) >= {"iou", "boundary_f", "alpha_mae", "passed"} and metrics["images"] == 4
-    assert metrics["flip"] is True
+    assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "passed"}
+    assert metrics["images"] == 4
+    assert metrics["flip"] is True and metrics["scales"] == [1.0, 1.5]
+    assert 0.0 <= metrics["matte_iou"] <= 1.0
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
     with Image.open(report / "contact-sheet.png") as sheet:
         assert sheet.size == (3 * 32, 4 * 32)
@@ -502,3 +508,7 @@ def test_cli_train_and_eval(
         == 2
     )
     assert "missing" in capsys.readouterr().err
+    bad_scales = ["segmenter", "eval", "--preset", "tiny", "--model", str(out), "--stickers", str(folder),
+                  "--out", str(report), "--scales", "1", "9"]
+    assert main(bad_scales) == 2
+    assert "--scales must lie between 0.25 and 4" in capsys.readouterr().err

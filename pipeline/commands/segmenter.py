@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument(
         "--lr", type=float, default=None,
-        help="default: 1e-3 from scratch (with BCE alone, clipping and clean images), 2e-4 otherwise",
+        help="default: 1.5e-3 from scratch (the from-scratch recipe: docs/segmentation.md), 2e-4 otherwise",
     )
     train.add_argument("--pairs-per-epoch", type=int, default=400)
     train.add_argument("--val-pairs", type=int, default=48)
@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument(
         "--flip", action="store_true", help="mirror test-time augmentation (twice the model time)"
+    )
+    ev.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="multi-scale test-time augmentation: input sizes as multiples of the model's (e.g. 1 1.333)",
     )
 
 
@@ -190,6 +197,12 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    if any(not 0.25 <= scale <= 4.0 for scale in args.scales):
+        print(
+            f"stickerbot segmenter eval: error: --scales must lie between 0.25 and 4, not {args.scales}",
+            file=sys.stderr,
+        )
+        return 2
     device, _ = device_and_dtype(settings)
     segmenter = load_segmenter(args.model, device=device)
     metrics = evaluate(
@@ -201,6 +214,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         photos=load_photos(args.photos),
         out_dir=args.out,
         flip=args.flip,
+        scales=args.scales,
     )
     print(json.dumps(metrics, indent=2))
     return 0
