@@ -103,8 +103,7 @@ def _quality(minutes: float) -> None:
         ema_decay=float(os.environ.get("STICKERBOT_BENCH_SEG_EMA", "0")) or None,
         **recipe,
     )
-    stages = [f"{px} px until {until:.0%}" for px, until in ((config.first_size, config.first_share),
-                                                            (config.warm_size, config.warm_share)) if px]
+    stages = [f"{config.warm_size} px until {config.warm_share:.0%}"] if config.warm_size else []
     print(
         f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} (warm-up {config.warmup_steps} steps), "
         f"BCE + {config.dice_weight:g} Dice, clip {config.max_grad_norm}, "

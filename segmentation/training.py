@@ -74,8 +74,6 @@ class SegTrainConfig:
     ema_decay: float | None = None  # validate and keep an exponential moving average of weights
     warm_size: int | None = None  # progressive resizing: train at this smaller size first ...
     warm_share: float = 0.5  # ... for this share of the planned steps (or of the time budget)
-    first_size: int | None = None  # and, before the warm size, at this still smaller one ...
-    first_share: float = 0.25  # ... for this share
     heldout_share: float = 0.1  # stickers kept out of training, for validation
     seed: int = 0
     dropout: bool = True  # False: no dropout or stochastic depth in this run (a short run underfits)
@@ -359,17 +357,16 @@ def train_segmenter(
         config=pair_cfg,
         photos=photos,
     )
-    stage_sets: list[tuple[float, PairSet]] = []  # (until this share, pairs), smallest size first
-    for stage_size, until in ((config.first_size, config.first_share), (config.warm_size, config.warm_share)):
-        if stage_size and stage_size != config.size:
-            stage_sets.append((until, PairSet(
-                train_st,
-                length=config.pairs_per_epoch,
-                split="train",
-                seed=config.seed,
-                config=PairConfig(size=stage_size, degrade=config.degrade),
-                photos=photos,
-            )))
+    warm_set = None
+    if config.warm_size and config.warm_size != config.size:
+        warm_set = PairSet(
+            train_st,
+            length=config.pairs_per_epoch,
+            split="train",
+            seed=config.seed,
+            config=PairConfig(size=config.warm_size, degrade=config.degrade),
+            photos=photos,
+        )
     val_set = PairSet(
         val_st,
         length=config.val_pairs,
@@ -412,7 +409,7 @@ def train_segmenter(
     while epoch < config.epochs and not (budget and elapsed >= budget):
         started = time.monotonic() - elapsed
         progress_share = max(step / max(1, planned), elapsed / budget if budget else 0.0)
-        pairs_now = next((pairs for until, pairs in stage_sets if progress_share < until), train_set)
+        pairs_now = warm_set if warm_set is not None and progress_share < config.warm_share else train_set
         pairs_now.epoch = epoch if config.fresh_each_epoch else 0
         order = torch.randperm(len(pairs_now), generator=gen.manual_seed(config.seed * 1000 + epoch)).tolist()
         model.train()
