@@ -103,13 +103,13 @@ def _quality(minutes: float) -> None:
         ema_decay=float(os.environ.get("STICKERBOT_BENCH_SEG_EMA", "0")) or None,
         **recipe,
     )
-    stages = [f"{config.warm_size} px until {config.warm_share:.0%}"] if config.warm_size else []
+    warm = f"{config.warm_size} px until {config.warm_share:.0%}" if config.warm_size else ""
     print(
         f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} (warm-up {config.warmup_steps} steps), "
         f"BCE + {config.dice_weight:g} Dice, clip {config.max_grad_norm}, "
         f"degradations {'on' if config.degrade else 'off'}, dropout {'on' if config.dropout else 'off'}, "
         f"SegFormer init, weight average {config.ema_decay or 'off'}, progressive resizing "
-        f"{', '.join(stages) or 'off'}",
+        f"{warm or 'off'}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,10 +132,9 @@ def _quality(minutes: float) -> None:
         rows = {name: evaluate(best, held[20:], count=120, size=SIZE, seed=7, flip=flip, scales=scales,
                                out_dir=out if name == "one view" else None)
                 for name, (flip, scales) in views.items()}
-    stages_text = f", {', '.join(stages)}" if stages else ""
     print(
         f"trained from random weights for {result.seconds / 60:.1f} min on CPU ({result.steps} steps of "
-        f"{config.batch_size} at {SIZE} px{stages_text}; "
+        f"{config.batch_size} at {SIZE} px{f', {warm}' if warm else ''}; "
         f"best of {result.epochs} epochs by validation on other held-out stickers)",
         flush=True,
     )

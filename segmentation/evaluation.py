@@ -108,9 +108,10 @@ def score(
         fs.append(boundary_f(pred, pair.mask, tolerance=tolerance))
         alpha = prob if alphas is None else alphas[i]
         maes.append(float(np.abs(alpha.astype(np.float32) - pair.alpha).mean()))
-        matte = alpha >= 0.5
-        matte_inter += int(np.logical_and(matte, pair.mask).sum())
-        matte_union += int(np.logical_or(matte, pair.mask).sum())
+        if alphas is not None:
+            matte = alpha >= 0.5
+            matte_inter += int(np.logical_and(matte, pair.mask).sum())
+            matte_union += int(np.logical_or(matte, pair.mask).sum())
     metrics = {
         "iou": 1.0 if union == 0 else inter / union,
         "boundary_f": float(np.mean(fs)),

@@ -142,6 +142,18 @@ def foreground_logit(segmenter: Segmenter, logits: torch.Tensor) -> torch.Tensor
     return log_fg - log_bg
 
 
+SCALE_RANGE = (0.25, 4.0)  # test-time input sizes, as multiples of the model's
+
+
+def check_scales(scales: Sequence[float]) -> None:
+    """A ValueError unless ``scales`` is a non-empty list of multiples within ``SCALE_RANGE``."""
+    low, high = SCALE_RANGE
+    if not scales or any(not low <= s <= high for s in scales):
+        raise ValueError(
+            f"scales must be between {low:g} and {high:g} times the model's input size, not {tuple(scales)}"
+        )
+
+
 def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_size: int = 8,
                   max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False,
                   scales: Sequence[float] = (1.0,)) -> list[np.ndarray]:
@@ -164,10 +176,7 @@ def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_
     rgb = [check_image(img, index=i, max_pixels=max_pixels) for i, img in enumerate(images)]
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if not scales or any(not 0.25 <= s <= 4.0 for s in scales):
-        raise ValueError(
-            f"scales must be between 0.25 and 4 times the model's input size, not {tuple(scales)}"
-        )
+    check_scales(scales)
     height, width = model_input_size(segmenter)
     views = [(max(32, round(height * s)), max(32, round(width * s))) for s in scales]
     out: list[np.ndarray] = []
@@ -240,6 +249,14 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, *, radius: int, eps: float
             + _box(bias, radius))
 
 
+def contour_band(alpha: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hard, band): the mask ``alpha >= 0.5`` as uint8, and the pixels within ``radius`` of its
+    contour (a disc dilation that differs from the erosion)."""
+    hard = (alpha >= 0.5).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return hard, cv2.dilate(hard, kernel) != cv2.erode(hard, kernel)
+
+
 def snap_edge(image: np.ndarray, alpha: np.ndarray, config: RefineConfig = DEFAULT_REFINE) -> np.ndarray:
     """Move the 0.5 contour of a coarse P(foreground) to the colour boundary (the image
     (H, W, 3) float in [0, 1]; the alpha (H, W)).
@@ -254,13 +271,13 @@ def snap_edge(image: np.ndarray, alpha: np.ndarray, config: RefineConfig = DEFAU
     side = min(alpha.shape)
     band_r = max(1, round(config.snap_band * side))
     radius = max(band_r + 1, round(config.snap_radius * side))  # reaches past the band
-    hard = (alpha >= 0.5).astype(np.uint8)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band_r + 1, 2 * band_r + 1))
-    band = cv2.dilate(hard, kernel) != cv2.erode(hard, kernel)
+    hard, band = contour_band(alpha, band_r)
     if not band.any():
         return alpha
 
     def window_sum(x: np.ndarray) -> np.ndarray:
+        # Sums, not ``_box``'s reflected means: past the image border there are no pixels to
+        # count as confident foreground or background.
         k = 2 * radius + 1
         return cv2.boxFilter(x, ddepth=-1, ksize=(k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
 
@@ -288,10 +305,7 @@ def refine_alpha(image: np.ndarray, alpha: np.ndarray, config: RefineConfig = DE
         alpha = snap_edge(image, alpha, config)
     h, w = alpha.shape
     side = min(h, w)
-    hard = (alpha >= 0.5).astype(np.uint8)
-    band_r = max(1, round(config.band * side))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band_r + 1, 2 * band_r + 1))
-    band = cv2.dilate(hard, kernel) != cv2.erode(hard, kernel)
+    hard, band = contour_band(alpha, max(1, round(config.band * side)))
     refined = alpha.astype(np.float32).copy()
     if band.any():
         radius = max(1, round(config.guided_radius * side))

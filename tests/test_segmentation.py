@@ -511,4 +511,4 @@ def test_cli_train_and_eval(
     bad_scales = ["segmenter", "eval", "--preset", "tiny", "--model", str(out), "--stickers", str(folder),
                   "--out", str(report), "--scales", "1", "9"]
     assert main(bad_scales) == 2
-    assert "--scales must lie between 0.25 and 4" in capsys.readouterr().err
+    assert "--scales must be between 0.25 and 4" in capsys.readouterr().err

@@ -189,6 +189,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.models import load_segmenter
     from segmentation.evaluation import evaluate
     from segmentation.pairs import load_photos
+    from segmentation.removal import check_scales
 
     stickers = _stickers(args, procedural_seed=1_000_000 + args.seed, size=args.size or 128)
     if not stickers:
@@ -197,11 +198,10 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    if any(not 0.25 <= scale <= 4.0 for scale in args.scales):
-        print(
-            f"stickerbot segmenter eval: error: --scales must lie between 0.25 and 4, not {args.scales}",
-            file=sys.stderr,
-        )
+    try:
+        check_scales(args.scales)  # before loading anything
+    except ValueError as exc:
+        print(f"stickerbot segmenter eval: error: --{exc}", file=sys.stderr)
         return 2
     device, _ = device_and_dtype(settings)
     segmenter = load_segmenter(args.model, device=device)
