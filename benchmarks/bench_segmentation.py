@@ -96,7 +96,7 @@ def _quality(minutes: float) -> None:
         size=SIZE,
         batch_size=BATCH,
         epochs=1000,
-        pairs_per_epoch=400,
+        pairs_per_epoch=1600,  # an epoch (validation + checkpoint) every 200 steps
         val_pairs=48,
         minutes=minutes,
         seed=0,
@@ -124,14 +124,15 @@ def _quality(minutes: float) -> None:
 
         best = load_segmenter(tmp, device=torch.device("cpu"))
         out = os.environ.get("STICKERBOT_BENCH_SEG_OUT")
-        views = {  # test-time augmentation: (flip, scales), each row measured on the same model
-            "one view": (False, (1.0,)),
-            "mirrored (2 views)": (True, (1.0,)),
-            "mirrored, at 1x and 4/3x the input size (4 views)": (True, (1.0, 4 / 3)),
+        views = {  # test-time augmentation: (flip, scales, rotate), each row on the same model
+            "one view": (False, (1.0,), False),
+            "mirrored (2 views)": (True, (1.0,), False),
+            "mirrored, at 1x and 4/3x the input size (4 views)": (True, (1.0, 4 / 3), False),
+            "mirrored and turned by quarters, at 1x and 4/3x (16 views)": (True, (1.0, 4 / 3), True),
         }
         rows = {name: evaluate(best, held[20:], count=120, size=SIZE, seed=7, flip=flip, scales=scales,
-                               out_dir=out if name == "one view" else None)
-                for name, (flip, scales) in views.items()}
+                               rotate=rotate, out_dir=out if name == "one view" else None)
+                for name, (flip, scales, rotate) in views.items()}
     print(
         f"trained from random weights for {result.seconds / 60:.1f} min on CPU ({result.steps} steps of "
         f"{config.batch_size} at {SIZE} px{f', {warm}' if warm else ''}; "

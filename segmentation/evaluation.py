@@ -81,11 +81,12 @@ def probabilities(
     batch_size: int = 8,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    rotate: bool = False,
 ) -> list[np.ndarray]:
     from segmentation.removal import predict_alpha
 
     pictures = [Image.fromarray(img) for img in images]
-    return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip, scales=scales)
+    return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip, scales=scales, rotate=rotate)
 
 
 def score(
@@ -172,15 +173,16 @@ def evaluate(
     refine: bool = True,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    rotate: bool = False,
 ) -> dict[str, Any]:
     """Metrics on ``count`` held-out pairs (stickers cycled) at ``size`` px (default: the
-    model's input size), with test-time augmentation when ``flip`` or several ``scales``
-    (``predict_alpha``). Writes ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
+    model's input size), with test-time augmentation when ``flip``, ``rotate`` or several
+    ``scales`` (``predict_alpha``). Writes ``metrics.json`` and ``contact-sheet.png`` into ``out_dir``."""
     from segmentation.removal import cut_out, model_input_size
 
     side = size or model_input_size(segmenter)[0]
     pairs = heldout_pairs(stickers, count, size=side, seed=seed, photos=photos)
-    probs = probabilities(segmenter, [p.image for p in pairs], flip=flip, scales=scales)
+    probs = probabilities(segmenter, [p.image for p in pairs], flip=flip, scales=scales, rotate=rotate)
     alphas = None
     if refine:  # the remover's matte from the same probabilities (no second forward pass)
         cut = [cut_out(Image.fromarray(p.image), prob) for p, prob in zip(pairs, probs, strict=True)]
@@ -195,6 +197,7 @@ def evaluate(
         iou_bar=IOU_BAR,
         passed=bool(metrics["iou"] >= IOU_BAR),
         flip=flip,
+        rotate=rotate,
         scales=list(scales),
         source=str(segmenter.source),
     )

@@ -67,27 +67,44 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def factored_decode_forward(self: Any, encoder_hidden_states: Any, **kwargs: Any) -> torch.Tensor:
-    """``SegformerDecodeHead.forward`` with the fusion folded into each stage's projection."""
+    """``SegformerDecodeHead.forward`` with the fusion folded into each stage's projection.
+
+    Three more exact rewrites save memory passes over the (N, D, H/4, W/4) maps, which dominate
+    the head's cost on a CPU: the biases are summed first (upsampling keeps constants), each
+    upsampled stage is accumulated into the sum by the column product itself (``baddbmm``), and
+    the 1x1 classifier runs as a matrix product."""
     import torch
 
-    batch = encoder_hidden_states[0].shape[0]
-    size = (encoder_hidden_states[0].shape[2], encoder_hidden_states[0].shape[3])
+    first = encoder_hidden_states[0]  # stage 1, at 1/4 of the input: the size of the output
+    batch, height, width = first.shape[0], first.shape[2], first.shape[3]
     stages = len(self.linear_projections)
     channels = self.config.decoder_hidden_size
     fuse = self.linear_fuse.weight.reshape(channels, stages * channels)
-    total = None
-    projections = self.linear_projections
-    for index, (state, projection) in enumerate(zip(encoder_hidden_states, projections, strict=True)):
+    weights, biases = [], []
+    for index, projection in enumerate(self.linear_projections):
         # The fused input lists the stages last first (transformers' ``cat(all[::-1])``).
         block = fuse[:, (stages - 1 - index) * channels : (stages - index) * channels]
-        weight = block @ projection.proj.weight  # (D, C_i)
-        bias = block @ projection.proj.bias  # (D,)
-        mapped = torch.matmul(weight, state.flatten(2)) + bias[:, None]  # (N, D, h * w)
-        mapped = upsample_bilinear(mapped.reshape(batch, channels, *state.shape[2:]), size)
-        total = mapped if total is None else total + mapped
-    hidden = self.activation(self.batch_norm(total))
+        weights.append(block @ projection.proj.weight)  # (D, C_i)
+        biases.append(block @ projection.proj.bias)  # (D,)
+    bias = torch.stack(biases).sum(dim=0)
+    # Stage 1 needs no upsampling and carries every stage's bias: (N, D, H * W).
+    total = torch.baddbmm(bias[:, None], weights[0].expand(batch, -1, -1), first.flatten(2))
+    for state, weight in zip(encoder_hidden_states[1:], weights[1:], strict=True):
+        h, w = state.shape[2], state.shape[3]
+        mapped = torch.matmul(weight, state.flatten(2)).reshape(batch * channels, h, w)
+        tall = torch.matmul(interp_matrix(h, height, like=mapped), mapped)  # rows: (N * D, H, w)
+        cols = interp_matrix(w, width, like=mapped).T.expand(batch * channels, -1, -1)  # (w, W)
+        total = torch.baddbmm(total.reshape(batch * channels, height, width), tall, cols).reshape(
+            batch, channels, height * width
+        )
+    hidden = self.activation(self.batch_norm(total.reshape(batch, channels, height, width)))
     hidden = self.dropout(hidden)
-    return self.classifier(hidden)
+    classifier = self.classifier
+    labels = classifier.weight.shape[0]
+    logits = torch.matmul(classifier.weight.reshape(labels, channels), hidden.flatten(2))
+    if classifier.bias is not None:
+        logits = logits + classifier.bias[:, None]
+    return logits.reshape(batch, labels, height, width)
 
 
 def factor_decode_head(model: Any) -> Any:

@@ -79,6 +79,7 @@ class Pair:
 
 
 _VISIBILITY_TRIES = 4
+PREMUL_CACHE_BYTES = 512 << 20  # premultiplied stickers a PairSet keeps (600 of 160 px: 61 MB)
 _VISIBLE_DIFF = 24  # a channel differing by this much (of 255) makes an edge pixel visible
 
 
@@ -275,22 +276,33 @@ def background(
 # --- composition and degradations -----------------------------------------------------------------
 
 
+def premultiplied(sticker: Image.Image) -> np.ndarray:
+    """(H, W, 4) float32 in [0, 1]: colour times alpha, then alpha (what ``compose`` warps)."""
+    rgba = np.asarray(sticker.convert("RGBA"), dtype=np.float32) / 255.0
+    return np.concatenate([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], axis=2)
+
+
 def compose(
-    sticker: Image.Image, bg: np.ndarray, *, scale: float, angle: float, centre: tuple[float, float]
+    sticker: Image.Image | np.ndarray,
+    bg: np.ndarray,
+    *,
+    scale: float,
+    angle: float,
+    centre: tuple[float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place an RGBA sticker on a background: the sticker is scaled (its own pixels times
     ``scale``), rotated by ``angle`` degrees around its centre and centred at ``centre`` (x, y) on
     the canvas. Returns (composite uint8 (H, W, 3), composited alpha float32 in [0, 1]).
 
     The warp runs on premultiplied colour, so the composite is exactly
-    ``alpha * F + (1 - alpha) * B`` with the warped alpha, rounded once."""
-    rgba = np.asarray(sticker.convert("RGBA"), dtype=np.float32) / 255.0
+    ``alpha * F + (1 - alpha) * B`` with the warped alpha, rounded once. ``sticker`` may come
+    already ``premultiplied`` (a training set reuses each sticker many times)."""
+    premul = sticker if isinstance(sticker, np.ndarray) else premultiplied(sticker)
     h, w = bg.shape[:2]
-    sh, sw = rgba.shape[:2]
+    sh, sw = premul.shape[:2]
     matrix = cv2.getRotationMatrix2D(((sw - 1) / 2, (sh - 1) / 2), angle, scale)
     matrix[0, 2] += centre[0] - (sw - 1) / 2
     matrix[1, 2] += centre[1] - (sh - 1) / 2
-    premul: np.ndarray = np.concatenate([rgba[..., :3] * rgba[..., 3:], rgba[..., 3:]], axis=2)
     interp = cv2.INTER_AREA if scale < 1 and angle == 0 else cv2.INTER_LINEAR
     if scale < 0.7:  # pre-shrink so the bilinear warp does not alias
         premul = cv2.resize(
@@ -348,10 +360,12 @@ def make_pair(
     seed: int = 0,
     config: PairConfig = PairConfig(),
     photos: Sequence[np.ndarray] = (),
+    premul: np.ndarray | None = None,
 ) -> Pair:
     """Pair number ``index`` of (split, seed): a deterministic function of its arguments. The
-    sticker is ``stickers[index % len(stickers)]``; everything else is drawn from a generator
-    seeded by (split, seed, index)."""
+    sticker is ``stickers[index % len(stickers)]`` (``premul``: that sticker ``premultiplied``,
+    when the caller keeps it); everything else is drawn from a generator seeded by (split, seed,
+    index)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     if not stickers:
@@ -380,7 +394,8 @@ def make_pair(
     family = "white" if rng.random() < config.white_share else str(rng.choice(families[1:]))
     for attempt in range(_VISIBILITY_TRIES):
         bg = background(family, rng, size, split_photos, split=split)
-        clean, alpha = compose(sticker, bg, scale=scale, angle=angle, centre=(cx_box - dx, cy_box - dy))
+        source = sticker if premul is None else premul
+        clean, alpha = compose(source, bg, scale=scale, angle=angle, centre=(cx_box - dx, cy_box - dy))
         mask = label_of(alpha)
         if attempt == _VISIBILITY_TRIES - 1 or edge_visibility(clean, bg, mask) >= config.min_visible:
             break
@@ -416,6 +431,8 @@ class PairSet:
         self.photos = list(photos)
         self.epoch = 0
         self._cache: dict[tuple[int, int], Pair] | None = {} if cache else None
+        self._premul: dict[int, np.ndarray] = {}  # sticker index -> premultiplied, up to a budget
+        self._premul_bytes = 0
 
     def __len__(self) -> int:
         return self.length
@@ -426,14 +443,28 @@ class PairSet:
         key = (self.epoch, index)
         if self._cache is not None and key in self._cache:
             return self._cache[key]
+        number = index + self.epoch * self.length
         pair = make_pair(
             self.stickers,
-            index + self.epoch * self.length,
+            number,
             split=self.split,
             seed=self.seed,
             config=self.config,
             photos=self.photos,
+            premul=self._premultiplied(number % len(self.stickers)),
         )
         if self._cache is not None:
             self._cache[key] = pair
         return pair
+
+    def _premultiplied(self, which: int) -> np.ndarray:
+        """Sticker ``which`` premultiplied, kept while the kept ones fit ``PREMUL_CACHE_BYTES``
+        (converting it was a third of the cost of a 96-px pair)."""
+        kept = self._premul.get(which)
+        if kept is not None:
+            return kept
+        made = premultiplied(self.stickers[which])
+        if self._premul_bytes + made.nbytes <= PREMUL_CACHE_BYTES:
+            self._premul[which] = made
+            self._premul_bytes += made.nbytes
+        return made

@@ -475,6 +475,7 @@ def test_cli_train_and_eval(
                 "--count",
                 "4",
                 "--flip",
+                "--rotate",
                 "--scales",
                 "1",
                 "1.5",
@@ -485,7 +486,7 @@ def test_cli_train_and_eval(
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "passed"}
     assert metrics["images"] == 4
-    assert metrics["flip"] is True and metrics["scales"] == [1.0, 1.5]
+    assert metrics["flip"] is True and metrics["rotate"] is True and metrics["scales"] == [1.0, 1.5]
     assert 0.0 <= metrics["matte_iou"] <= 1.0
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
     with Image.open(report / "contact-sheet.png") as sheet:
@@ -512,3 +513,5 @@ def test_cli_train_and_eval(
                   "--out", str(report), "--scales", "1", "9"]
     assert main(bad_scales) == 2
     assert "--scales must be between 0.25 and 4" in capsys.readouterr().err
+    assert main([*args[: args.index("--out")], "--out", str(tmp_path / "w"), "--workers", "-1"]) == 2
+    assert "workers must be 0 or more, not -1" in capsys.readouterr().err
