@@ -79,7 +79,7 @@ class Pair:
 
 
 _VISIBILITY_TRIES = 4
-PREMUL_CACHE_BYTES = 512 << 20  # premultiplied stickers a PairSet keeps (600 of 160 px: 61 MB)
+PREMUL_CACHE_BYTES = 512 << 20  # premultiplied stickers kept per sticker list (600 of 160 px: 246 MB)
 _VISIBLE_DIFF = 24  # a channel differing by this much (of 255) makes an edge pixel visible
 
 
@@ -406,6 +406,14 @@ def make_pair(
     return Pair(image=image, mask=mask, alpha=alpha, clean=clean, background=bg, family=family)
 
 
+class _Kept:
+    """Premultiplied stickers by index, and their bytes: one per sticker list."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[int, np.ndarray] = {}
+        self.nbytes = 0
+
+
 class PairSet:
     """``length`` pairs of one split, made on demand (``pairs[i]``), optionally cached. ``epoch``
     shifts the indices so each epoch of training sees fresh placements and backgrounds."""
@@ -420,6 +428,7 @@ class PairSet:
         config: PairConfig = PairConfig(),
         photos: Sequence[np.ndarray] = (),
         cache: bool = False,
+        share_stickers: PairSet | None = None,
     ) -> None:
         if not stickers:
             raise ValueError("no stickers to make pairs from")
@@ -431,8 +440,15 @@ class PairSet:
         self.photos = list(photos)
         self.epoch = 0
         self._cache: dict[tuple[int, int], Pair] | None = {} if cache else None
-        self._premul: dict[int, np.ndarray] = {}  # sticker index -> premultiplied, up to a budget
-        self._premul_bytes = 0
+        # sticker index -> premultiplied, up to a budget; ``share_stickers``: a set of the same
+        # stickers (another size, say) whose kept ones this set uses and adds to.
+        self._kept = _Kept()
+        if share_stickers is not None:
+            theirs = share_stickers.stickers
+            same = len(theirs) == len(self.stickers)
+            if not same or any(a is not b for a, b in zip(theirs, self.stickers, strict=True)):
+                raise ValueError("share_stickers must be a pair set of the same stickers")
+            self._kept = share_stickers._kept
 
     def __len__(self) -> int:
         return self.length
@@ -460,11 +476,12 @@ class PairSet:
     def _premultiplied(self, which: int) -> np.ndarray:
         """Sticker ``which`` premultiplied, kept while the kept ones fit ``PREMUL_CACHE_BYTES``
         (converting it was a third of the cost of a 96-px pair)."""
-        kept = self._premul.get(which)
+        kept = self._kept.arrays.get(which)
         if kept is not None:
             return kept
         made = premultiplied(self.stickers[which])
-        if self._premul_bytes + made.nbytes <= PREMUL_CACHE_BYTES:
-            self._premul[which] = made
-            self._premul_bytes += made.nbytes
+        made.setflags(write=False)  # shared by every pair of this sticker: nothing may write to it
+        if self._kept.nbytes + made.nbytes <= PREMUL_CACHE_BYTES:
+            self._kept.arrays[which] = made
+            self._kept.nbytes += made.nbytes
         return made

@@ -357,7 +357,8 @@ def default_workers(device: Any) -> int:
 
     if getattr(device, "type", str(device)) == "cpu":
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
 
 
 def _adamw(model: torch.nn.Module, config: SegTrainConfig) -> torch.optim.Optimizer:
@@ -453,6 +454,7 @@ def train_segmenter(
             seed=config.seed,
             config=PairConfig(size=config.warm_size, degrade=config.degrade),
             photos=photos,
+            share_stickers=train_set,
         )
     val_set = PairSet(
         val_st,
@@ -496,82 +498,84 @@ def train_segmenter(
     sets = {"train": train_set} if warm_set is None else {"train": train_set, "warm": warm_set}
     plan = _EpochPlan()
     loader = _pair_loader(_PairSource(sets), plan, config.workers)
-    while epoch < config.epochs and not (budget and elapsed >= budget):
-        started = time.monotonic() - elapsed
-        progress_share = max(step / max(1, planned), elapsed / budget if budget else 0.0)
-        stage = "warm" if warm_set is not None and progress_share < config.warm_share else "train"
-        epoch_key = epoch if config.fresh_each_epoch else 0
-        shuffle = gen.manual_seed(config.seed * 1000 + epoch)
-        keys = [(stage, epoch_key, i) for i in torch.randperm(len(sets[stage]), generator=shuffle).tolist()]
-        plan.batches = [keys[b : b + config.batch_size] for b in range(0, len(keys), config.batch_size)]
-        model.train()
-        losses = []
-        for images, labels in loader:
-            x = normalize_batch(segmenter, images)
-            masks = torch.from_numpy(labels.astype(np.float32)).to(x.device)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, planned, elapsed, budget, config.warmup_steps)
-            logits = foreground_logit(segmenter, model(pixel_values=x).logits)
-            loss = segmentation_loss(
-                logits, masks, dice_weight=config.dice_weight, hard_share=config.hard_share
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            if ema is not None:
-                ema.update()
-            step += 1
-            losses.append(float(loss.detach()))
-            elapsed = time.monotonic() - started
-            if progress is not None:
-                progress(SegTrainProgress(epoch=epoch, step=step, loss=losses[-1], elapsed=elapsed))
-            if budget and elapsed >= budget:
-                break
-        averaged = ema.swapped() if ema is not None else contextlib.nullcontext()
-        with averaged:  # validate (and keep) the averaged weights when there are any
-            val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
-        model.train()
-        elapsed = time.monotonic() - started
-        epoch += 1
-        history.append(
-            {
-                "epoch": epoch,
-                "step": step,
-                "loss": float(np.mean(losses)) if losses else 0.0,
-                "val_iou": val_iou,
-                "elapsed": elapsed,
-            }
-        )
-        if val_iou > best:
-            best = val_iou
-            meta = {"config": asdict(config), "val_iou": val_iou, "epoch": epoch, "step": step}
-            with ema.swapped() if ema is not None else contextlib.nullcontext():
-                save_segmenter(segmenter, out, meta=meta)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "elapsed": elapsed,
-                "best_iou": best,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-                "ema": ema.shadow if ema is not None else None,
-                "config": asdict(config),
-            },
-            state_path.with_suffix(".tmp"),
-        )
-        state_path.with_suffix(".tmp").replace(state_path)
-        if progress is not None:
-            progress(
-                SegTrainProgress(
-                    epoch=epoch, step=step, loss=history[-1]["loss"], elapsed=elapsed, val_iou=val_iou
+    try:
+        while epoch < config.epochs and not (budget and elapsed >= budget):
+            started = time.monotonic() - elapsed
+            progress_share = max(step / max(1, planned), elapsed / budget if budget else 0.0)
+            stage = "warm" if warm_set is not None and progress_share < config.warm_share else "train"
+            epoch_key = epoch if config.fresh_each_epoch else 0
+            order = torch.randperm(len(sets[stage]), generator=gen.manual_seed(config.seed * 1000 + epoch))
+            keys = [(stage, epoch_key, i) for i in order.tolist()]
+            plan.batches = [keys[b : b + config.batch_size] for b in range(0, len(keys), config.batch_size)]
+            model.train()
+            losses = []
+            for images, labels in loader:
+                x = normalize_batch(segmenter, images)
+                masks = torch.from_numpy(labels.astype(np.float32)).to(x.device)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(step, planned, elapsed, budget, config.warmup_steps)
+                logits = foreground_logit(segmenter, model(pixel_values=x).logits)
+                loss = segmentation_loss(
+                    logits, masks, dice_weight=config.dice_weight, hard_share=config.hard_share
                 )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if ema is not None:
+                    ema.update()
+                step += 1
+                losses.append(float(loss.detach()))
+                elapsed = time.monotonic() - started
+                if progress is not None:
+                    progress(SegTrainProgress(epoch=epoch, step=step, loss=losses[-1], elapsed=elapsed))
+                if budget and elapsed >= budget:
+                    break
+            averaged = ema.swapped() if ema is not None else contextlib.nullcontext()
+            with averaged:  # validate (and keep) the averaged weights when there are any
+                val_iou = validate(segmenter, val_set, batch_size=config.batch_size)
+            model.train()
+            elapsed = time.monotonic() - started
+            epoch += 1
+            history.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": float(np.mean(losses)) if losses else 0.0,
+                    "val_iou": val_iou,
+                    "elapsed": elapsed,
+                }
             )
-    del loader  # stops its worker processes
+            if val_iou > best:
+                best = val_iou
+                meta = {"config": asdict(config), "val_iou": val_iou, "epoch": epoch, "step": step}
+                with ema.swapped() if ema is not None else contextlib.nullcontext():
+                    save_segmenter(segmenter, out, meta=meta)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "elapsed": elapsed,
+                    "best_iou": best,
+                    "history": history,
+                    "torch_rng": torch.get_rng_state(),
+                    "ema": ema.shadow if ema is not None else None,
+                    "config": asdict(config),
+                },
+                state_path.with_suffix(".tmp"),
+            )
+            state_path.with_suffix(".tmp").replace(state_path)
+            if progress is not None:
+                progress(
+                    SegTrainProgress(
+                        epoch=epoch, step=step, loss=history[-1]["loss"], elapsed=elapsed, val_iou=val_iou
+                    )
+                )
+    finally:
+        del loader  # stops its worker processes, also when the step raises
     if ema is not None:  # the model leaves with the averaged weights it was validated with
         model.load_state_dict(ema.shadow, strict=False)
     model.eval()

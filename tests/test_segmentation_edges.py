@@ -180,7 +180,14 @@ def test_kept_premultiplied_stickers_make_the_same_pairs(monkeypatch: pytest.Mon
         direct = pairs.make_pair(stickers, number, seed=2, config=config)
         assert np.array_equal(a.image, b.image) and np.array_equal(a.image, direct.image)
         assert np.array_equal(a.alpha, direct.alpha) and np.array_equal(a.mask, b.mask)
-    assert len(kept._premul) == 3 and not fresh._premul
+    assert len(kept._kept.arrays) == 3 and not fresh._kept.arrays
+    assert not next(iter(kept._kept.arrays.values())).flags.writeable
+    # A set of the same stickers at another size shares what is kept; other stickers may not.
+    monkeypatch.setattr(pairs, "PREMUL_CACHE_BYTES", 512 << 20)
+    smaller = pairs.PairSet(stickers, length=6, seed=2, config=pairs.PairConfig(size=32), share_stickers=kept)
+    assert smaller[0].image.shape == (32, 32, 3) and smaller._kept is kept._kept
+    with pytest.raises(ValueError, match="same stickers"):
+        pairs.PairSet(make_stickers(3, seed=1, size=64), length=6, share_stickers=kept)
 
 
 def test_a_pair_making_worker_process_trains_the_same_model(tiny_zoo: Path, tmp_path: Path) -> None:
