@@ -104,8 +104,10 @@ def _quality(minutes: float) -> None:
         **recipe,
     )
     warm = f"{config.warm_size} px until {config.warm_share:.0%}" if config.warm_size else ""
+    share = config.decay_share
+    decay = f"held, then a linear decay over the last {share:.0%}" if share else "cosine decay"
     print(
-        f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} (warm-up {config.warmup_steps} steps), "
+        f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} (warm-up {config.warmup_steps} steps, {decay}), "
         f"BCE + {config.dice_weight:g} Dice, clip {config.max_grad_norm}, "
         f"degradations {'on' if config.degrade else 'off'}, dropout {'on' if config.dropout else 'off'}, "
         f"SegFormer init, weight average {config.ema_decay or 'off'}, progressive resizing "

@@ -206,3 +206,20 @@ def test_a_pair_making_worker_process_trains_the_same_model(tiny_zoo: Path, tmp_
     (alone, history), (helped, history_helped) = runs
     assert [h["loss"] for h in history] == [h["loss"] for h in history_helped]
     assert all(torch.equal(alone[k], helped[k]) for k in alone)
+
+
+def test_warmup_stable_decay_schedule() -> None:
+    from segmentation.training import SegTrainConfig, _lr_factor
+
+    def wsd(step: int, elapsed: float = 0.0, budget: float | None = None) -> float:
+        return _lr_factor(step, 1000, elapsed, budget, 100, 0.3)
+
+    assert wsd(0) == pytest.approx(0.01) and wsd(99) == pytest.approx(1.0)  # warm-up
+    assert wsd(100) == wsd(500) == wsd(700) == 1.0  # held
+    assert wsd(850) == pytest.approx(0.02 + 0.98 * 0.5) and wsd(1000) == pytest.approx(0.02)  # falls
+    assert wsd(5000) == pytest.approx(0.02)  # and stays at the floor past the plan
+    assert wsd(200, elapsed=85.0, budget=100.0) == pytest.approx(0.51)  # time counts as progress
+    cosine = _lr_factor(500, 1000, 0.0, None, 100)
+    assert cosine == pytest.approx(0.02 + 0.98 * 0.5) and _lr_factor(300, 1000, 0.0, None, 100) < 1.0
+    with pytest.raises(ValueError, match="decay_share must be in"):
+        SegTrainConfig(decay_share=0.0)
