@@ -107,7 +107,8 @@ def _quality(minutes: float) -> None:
     share = config.decay_share
     decay = f"held, then a linear decay over the last {share:.0%}" if share else "cosine decay"
     print(
-        f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} (warm-up {config.warmup_steps} steps, {decay}), "
+        f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} "
+        f"(warm-up {config.warmup_steps} steps, {decay}), "
         f"BCE + {config.dice_weight:g} Dice, clip {config.max_grad_norm}, "
         f"degradations {'on' if config.degrade else 'off'}, dropout {'on' if config.dropout else 'off'}, "
         f"SegFormer init, weight average {config.ema_decay or 'off'}, progressive resizing "
