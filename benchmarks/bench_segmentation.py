@@ -2,8 +2,9 @@
 when present), then the quality bar: a b0-sized SegFormer trained from random weights on
 procedural stickers for ``STICKERBOT_BENCH_SEG_MINUTES`` (default 10) on CPU, evaluated on
 held-out stickers over held-out backgrounds: IoU, boundary F, alpha MAE, and whether
-IoU >= 0.95. The same model is measured with one view, mirrored, and mirrored at two input
-sizes (test-time augmentation), each with the IoU of the remover's refined matte beside it.
+IoU >= 0.95. The same model is measured with one view, mirrored, mirrored at two input sizes,
+and also turned by quarters (test-time augmentation), each with the IoU of the remover's
+refined matte beside it.
 
 Two torch threads (the machine's two cores). Set ``STICKERBOT_BENCH_SEG_MINUTES=1`` for a quick
 look; the bar is stated for 10.
@@ -142,7 +143,8 @@ def _quality(minutes: float) -> None:
         f"best of {result.epochs} epochs by validation on other held-out stickers)",
         flush=True,
     )
-    print(f"held-out stickers over held-out backgrounds (120 images, {SIZE} px); IoU >= {IOU_BAR}?",
+    images = rows["one view"]["images"]
+    print(f"held-out stickers over held-out backgrounds ({images} images, {SIZE} px); IoU >= {IOU_BAR}?",
           flush=True)
     for name, metrics in rows.items():
         print(

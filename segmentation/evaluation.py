@@ -89,6 +89,13 @@ def probabilities(
     return predict_alpha(segmenter, pictures, batch_size=batch_size, flip=flip, scales=scales, rotate=rotate)
 
 
+def pooled_iou(preds: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """IoU over all pixels of several images at once (boolean masks; 1.0 when all are empty)."""
+    inter = sum(int(np.logical_and(p, t).sum()) for p, t in zip(preds, labels, strict=True))
+    union = sum(int(np.logical_or(p, t).sum()) for p, t in zip(preds, labels, strict=True))
+    return 1.0 if union == 0 else inter / union
+
+
 def score(
     probs: Sequence[np.ndarray],
     pairs: Sequence[Pair],
@@ -99,39 +106,30 @@ def score(
     """Pooled IoU and mean boundary F of the probabilities (P >= 0.5), mean alpha MAE (of
     ``alphas`` if given, else of the probabilities themselves); with ``alphas``, also
     ``matte_iou``: the pooled IoU of the matte (alpha >= 0.5), what the remover's users get."""
-    inter = union = 0
-    matte_inter = matte_union = 0
-    fs, maes = [], []
-    for i, (prob, pair) in enumerate(zip(probs, pairs, strict=True)):
-        pred = prob >= 0.5
-        inter += int(np.logical_and(pred, pair.mask).sum())
-        union += int(np.logical_or(pred, pair.mask).sum())
-        fs.append(boundary_f(pred, pair.mask, tolerance=tolerance))
-        alpha = prob if alphas is None else alphas[i]
-        maes.append(float(np.abs(alpha.astype(np.float32) - pair.alpha).mean()))
-        if alphas is not None:
-            matte = alpha >= 0.5
-            matte_inter += int(np.logical_and(matte, pair.mask).sum())
-            matte_union += int(np.logical_or(matte, pair.mask).sum())
+    preds = [prob >= 0.5 for prob in probs]
+    labels = [pair.mask for pair in pairs]
+    mattes = probs if alphas is None else alphas
     metrics = {
-        "iou": 1.0 if union == 0 else inter / union,
-        "boundary_f": float(np.mean(fs)),
-        "alpha_mae": float(np.mean(maes)),
+        "iou": pooled_iou(preds, labels),
+        "boundary_f": float(
+            np.mean([boundary_f(p, t, tolerance=tolerance) for p, t in zip(preds, labels, strict=True)])
+        ),
+        "alpha_mae": float(np.mean([np.abs(a.astype(np.float32) - pair.alpha).mean()
+                                    for a, pair in zip(mattes, pairs, strict=True)])),
     }
     if alphas is not None:
-        metrics["matte_iou"] = 1.0 if matte_union == 0 else matte_inter / matte_union
+        metrics["matte_iou"] = pooled_iou([a >= 0.5 for a in alphas], labels)
     return metrics
 
 
 def iou_by_family(probs: Sequence[np.ndarray], pairs: Sequence[Pair]) -> dict[str, float]:
     """Pooled IoU per background family (where a segmenter fails, it usually fails on one)."""
-    counts: dict[str, list[int]] = {}
+    preds: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[np.ndarray]] = {}
     for prob, pair in zip(probs, pairs, strict=True):
-        pred = prob >= 0.5
-        c = counts.setdefault(pair.family, [0, 0])
-        c[0] += int(np.logical_and(pred, pair.mask).sum())
-        c[1] += int(np.logical_or(pred, pair.mask).sum())
-    return {family: (1.0 if u == 0 else i / u) for family, (i, u) in sorted(counts.items())}
+        preds.setdefault(pair.family, []).append(prob >= 0.5)
+        labels.setdefault(pair.family, []).append(pair.mask)
+    return {family: pooled_iou(preds[family], labels[family]) for family in sorted(preds)}
 
 
 def contact_sheet(

@@ -184,7 +184,7 @@ def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_
     out: list[np.ndarray] = []
     for start in range(0, len(rgb), batch_size):
         chunk = rgb[start:start + batch_size]
-        upsampled: list[list[torch.Tensor]] = [[] for _ in chunk]  # per image, one map per view
+        summed: list[torch.Tensor | None] = [None] * len(chunk)  # per image, the views' logits added
         for view_h, view_w in views:
             pixels = np.stack([
                 np.asarray(img if img.size == (view_w, view_h)
@@ -207,11 +207,12 @@ def predict_alpha(segmenter: Segmenter, images: Sequence[Image.Image], *, batch_
                 for i, img in enumerate(chunk):
                     w, h = img.size
                     up = F.interpolate(fg[i][None, None], size=(h, w), mode="bilinear", align_corners=False)
-                    upsampled[i].append(up[0, 0])
+                    previous = summed[i]
+                    summed[i] = up[0, 0] if previous is None else previous + up[0, 0]
         with torch.inference_mode():
-            for maps in upsampled:
-                logit = torch.stack(maps).mean(dim=0)
-                out.append(torch.sigmoid(logit).cpu().numpy().astype(np.float32))
+            for total in summed:
+                assert total is not None
+                out.append(torch.sigmoid(total / len(views)).cpu().numpy().astype(np.float32))
     return out
 
 

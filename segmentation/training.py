@@ -337,20 +337,22 @@ def _pair_loader(source: _PairSource, plan: _EpochPlan, workers: int) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    seeds = torch.Generator().manual_seed(0)
-    if workers <= 0:
-        return DataLoader(source, batch_sampler=plan, collate_fn=_stack, generator=seeds)  # type: ignore[arg-type]
+    ahead: dict[str, Any] = {}
+    if workers > 0:
+        ahead = dict(
+            num_workers=workers,
+            persistent_workers=True,
+            prefetch_factor=2,
+            worker_init_fn=_quiet_worker,
+            multiprocessing_context="spawn",
+            timeout=WORKER_TIMEOUT,
+        )
     return DataLoader(
         source,  # type: ignore[arg-type]
         batch_sampler=plan,
         collate_fn=_stack,
-        num_workers=workers,
-        persistent_workers=True,
-        prefetch_factor=2,
-        worker_init_fn=_quiet_worker,
-        generator=seeds,
-        multiprocessing_context="spawn",
-        timeout=WORKER_TIMEOUT,
+        generator=torch.Generator().manual_seed(0),
+        **ahead,
     )
 
 

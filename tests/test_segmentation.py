@@ -147,6 +147,12 @@ def test_metrics_see_errors() -> None:
     by_family = iou_by_family(probs, pairs)
     assert by_family == {"plaid": pytest.approx(26 * 32 / (38 * 32 + 32 * 32)), "white": 1.0}
     assert score(probs, pairs)["iou"] == pytest.approx((32 + 26) * 32 / ((32 + 38 + 32) * 32))
+    # The remover's matte is scored on its own: here perfect where the segmenter was not.
+    mattes = [mask.astype(np.float32), mask.astype(np.float32) * 0.6, np.zeros((64, 64), np.float32)]
+    scored = score(probs, pairs, alphas=mattes)
+    assert scored["matte_iou"] == pytest.approx(2 / 3) and scored["iou"] == score(probs, pairs)["iou"]
+    assert scored["alpha_mae"] == pytest.approx((0 + 0.4 * 32 * 32 + 32 * 32) / (3 * 64 * 64))
+    assert "matte_iou" not in score(probs, pairs)
 
 
 # --- training: a learning signal ------------------------------------------------------------------
@@ -488,7 +494,6 @@ def test_cli_train_and_eval(
     assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "passed"}
     assert metrics["images"] == 4
     assert metrics["flip"] is True and metrics["rotate"] is True and metrics["scales"] == [1.0, 1.5]
-    assert 0.0 <= metrics["matte_iou"] <= 1.0
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
     with Image.open(report / "contact-sheet.png") as sheet:
         assert sheet.size == (3 * 32, 4 * 32)
