@@ -69,10 +69,10 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def factored_decode_forward(self: Any, encoder_hidden_states: Any, **kwargs: Any) -> torch.Tensor:
     """``SegformerDecodeHead.forward`` with the fusion folded into each stage's projection.
 
-    Three more exact rewrites save memory passes over the (N, D, H/4, W/4) maps, which dominate
-    the head's cost on a CPU: the biases are summed first (upsampling keeps constants), each
-    upsampled stage is accumulated into the sum by the column product itself (``baddbmm``), and
-    the 1x1 classifier runs as a matrix product."""
+    More exact rewrites save memory passes over the (N, D, H/4, W/4) maps, which dominate the
+    head's cost on a CPU: the biases are summed first (upsampling keeps constants), the upsampled
+    stages are accumulated into the sum by one column product (``baddbmm``), and the 1x1
+    classifier runs as a batched matrix product."""
     import torch
 
     first = encoder_hidden_states[0]  # stage 1, at 1/4 of the input: the size of the output
@@ -89,19 +89,31 @@ def factored_decode_forward(self: Any, encoder_hidden_states: Any, **kwargs: Any
     bias = torch.stack(biases).sum(dim=0)
     # Stage 1 needs no upsampling and carries every stage's bias: (N, D, H * W).
     total = torch.baddbmm(bias[:, None], weights[0].expand(batch, -1, -1), first.flatten(2))
-    for state, weight in zip(encoder_hidden_states[1:], weights[1:], strict=True):
-        h, w = state.shape[2], state.shape[3]
-        mapped = torch.matmul(weight, state.flatten(2)).reshape(batch * channels, h, w)
-        tall = torch.matmul(interp_matrix(h, height, like=mapped), mapped)  # rows: (N * D, H, w)
-        cols = interp_matrix(w, width, like=mapped).T.expand(batch * channels, -1, -1)  # (w, W)
-        total = torch.baddbmm(total.reshape(batch * channels, height, width), tall, cols).reshape(
-            batch, channels, height * width
+    if stages > 1:
+        # Each later stage is mapped where it lives, then upsampled rows first: (N * D, H, w_i).
+        # The column products of all of them are one: their row-upsampled maps side by side
+        # (N * D, H, sum w_i) times their column matrices stacked (sum w_i, W), accumulated into
+        # the stage-1 map, which is then copied once rather than once per stage.
+        talls, cols = [], []
+        for state, weight in zip(encoder_hidden_states[1:], weights[1:], strict=True):
+            h, w = state.shape[2], state.shape[3]
+            mapped = torch.matmul(weight, state.flatten(2)).reshape(batch * channels, h, w)
+            talls.append(torch.matmul(interp_matrix(h, height, like=mapped), mapped))
+            cols.append(interp_matrix(w, width, like=mapped).T)  # (w, W)
+        total = torch.baddbmm(
+            total.reshape(batch * channels, height, width),
+            torch.cat(talls, dim=2),
+            torch.cat(cols).expand(batch * channels, -1, -1),
         )
     hidden = self.activation(self.batch_norm(total.reshape(batch, channels, height, width)))
     hidden = self.dropout(hidden)
     classifier = self.classifier
     labels = classifier.weight.shape[0]
-    logits = torch.matmul(classifier.weight.reshape(labels, channels), hidden.flatten(2))
+    # A batched product with the weights broadcast, not ``matmul``: for a (L, D) @ (N, D, HW)
+    # product matmul transposes the whole map and its backward is a rank-1 matrix product, both
+    # slow on a CPU (the classifier cost a tenth of a training step).
+    weight = classifier.weight.reshape(1, labels, channels).expand(batch, -1, -1)
+    logits = torch.bmm(weight, hidden.flatten(2))
     if classifier.bias is not None:
         logits = logits + classifier.bias[:, None]
     return logits.reshape(batch, labels, height, width)
