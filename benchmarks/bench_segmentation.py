@@ -107,12 +107,13 @@ def _quality(minutes: float) -> None:
     warm = f"{config.warm_size} px until {config.warm_share:.0%}" if config.warm_size else ""
     share = config.decay_share
     decay = f"held, then a linear decay over the last {share:.0%}" if share else "cosine decay"
+    whiten = " with a patch-whitening first embedding" if config.whiten else ""
     print(
         f"training: {SIZE} px, batch {BATCH}, lr {config.lr:g} "
         f"(warm-up {config.warmup_steps} steps, {decay}), "
         f"BCE + {config.dice_weight:g} Dice, clip {config.max_grad_norm}, "
         f"degradations {'on' if config.degrade else 'off'}, dropout {'on' if config.dropout else 'off'}, "
-        f"SegFormer init, weight average {config.ema_decay or 'off'}, progressive resizing "
+        f"SegFormer init{whiten}, weight average {config.ema_decay or 'off'}, progressive resizing "
         f"{warm or 'off'}",
         flush=True,
     )

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from pipeline.models import Segmenter
 
 STATE_FILE = "training-state.pt"
+WHITEN_IMAGES = 256  # training pairs whose patches set the whitening initialisation
 WORKER_TIMEOUT = 300.0  # seconds a pair-making worker may take for one batch before the run fails
 
 
@@ -83,6 +84,7 @@ class SegTrainConfig:
     val_degrade: bool = True  # ... and on validation images (as ``evaluate`` does)
     fresh_each_epoch: bool = True  # new placements/backgrounds each epoch (False: the same pairs)
     workers: int = 0  # processes making pairs ahead of the step (0: in this process, between steps)
+    whiten: bool = False  # a fresh run starts its first patch embedding as a patch-whitening layer
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -95,7 +97,8 @@ class SegTrainConfig:
 # (docs/segmentation.md): BCE alone at lr 1.5e-3 after 150 warm-up steps, held until the last
 # 30 % of the run and then decayed linearly (two seeds: +0.002 and +0.020 over a cosine),
 # clipped gradients, no dropout or stochastic depth (the run underfits), half the BCE from the
-# hardest quarter of the pixels, clean training images (validation keeps the degradations).
+# hardest quarter of the pixels, clean training images (validation keeps the degradations), and
+# the first patch embedding started as a patch-whitening layer (``whiten_patch_embedding``).
 # Fine-tuning a pretrained encoder keeps the defaults.
 SCRATCH_RECIPE: dict[str, Any] = {
     "lr": 1.5e-3,
@@ -106,6 +109,7 @@ SCRATCH_RECIPE: dict[str, Any] = {
     "dropout": False,
     "hard_share": 0.25,
     "degrade": False,
+    "whiten": True,
 }
 
 
@@ -193,6 +197,39 @@ def fresh_segmenter(
     model = model.to(device)
     processor = SegformerImageProcessor(size={"height": size, "width": size}, do_reduce_labels=False)
     return Segmenter(model=model.eval(), processor=processor, source=f"fresh:{size}")
+
+
+def whiten_patch_embedding(segmenter: Segmenter, images: np.ndarray, *, eps: float = 1e-2) -> None:
+    """Patch-whitening initialisation of the first patch embedding (in place), as the fastest
+    CIFAR-10 trainings start their first convolution (hlb-CIFAR10, Keller Jordan's airbench).
+
+    The embedding is a convolution over ``k x k`` patches (7 x 7, stride 4, 3 -> 32 channels for
+    b0). Its filters become the top eigenvectors ``v_j`` of the covariance of the patches of
+    ``images`` (uint8 (N, H, W, 3), as the model sees them after normalisation), divided by
+    ``sqrt(lambda_j + eps)``, in pairs of opposite sign (``v_j`` and ``-v_j``), bias zero. Each
+    output channel then starts as a decorrelated, unit-variance component of the image's local
+    structure (colour, then gradients, then finer detail) instead of a random mix; the filters
+    stay trainable. From random weights, in 10 CPU minutes, it raised IoU by about 0.015
+    (docs/segmentation.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    from segmentation.removal import normalize_batch
+
+    conv = segmenter.model.segformer.stages[0].patch_embeddings.proj
+    channels, kernel = conv.out_channels, conv.kernel_size
+    x = normalize_batch(segmenter, images).to(conv.weight.device)
+    patches = F.unfold(x, kernel, padding=conv.padding, stride=conv.stride)  # (N, 3 k k, L)
+    flat = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
+    flat = flat - flat.mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat / flat.shape[0])  # ascending
+    top = channels // 2
+    filters = eigenvectors[:, -top:].flip(1).T / torch.sqrt(eigenvalues[-top:].flip(0)[:, None] + eps)
+    filters = torch.cat([filters, -filters] + ([filters[:1]] if channels % 2 else []))
+    with torch.no_grad():
+        conv.weight.copy_(filters.reshape(conv.weight.shape).to(conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.zero_()
 
 
 def switch_off_dropout(model: torch.nn.Module) -> None:
@@ -495,6 +532,7 @@ def train_segmenter(
 
     epoch = step = 0
     elapsed = 0.0
+    began = time.monotonic()
     best = -1.0
     history: list[dict[str, float]] = []
     state_path = out / STATE_FILE
@@ -509,6 +547,10 @@ def train_segmenter(
         # Dropout and drop-path draw from the global generator: seed it, so a run does not depend
         # on whatever the process did before.
         torch.manual_seed(config.seed)
+        if config.whiten:  # counted in the time budget
+            count = min(WHITEN_IMAGES, len(train_set))
+            whiten_patch_embedding(segmenter, np.stack([train_set[i].image for i in range(count)]))
+            elapsed = time.monotonic() - began
 
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if ema is not None and state_path.exists():

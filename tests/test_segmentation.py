@@ -453,9 +453,9 @@ def test_cli_train_and_eval(
     assert main(scratch_args) == 0
     record = json.loads((scratch / "segmenter-training.json").read_text())["config"]
     keys = ("lr", "dice_weight", "max_grad_norm", "degrade", "dropout", "hard_share", "warmup_steps",
-            "decay_share")
+            "decay_share", "whiten")
     recipe = tuple(record[k] for k in keys)
-    assert recipe == (1.5e-3, 0.0, 1.0, False, False, 0.25, 150, 0.3) and record["val_degrade"] is True
+    assert recipe == (1.5e-3, 0.0, 1.0, False, False, 0.25, 150, 0.3, True) and record["val_degrade"] is True
     capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()

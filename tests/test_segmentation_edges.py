@@ -223,3 +223,40 @@ def test_warmup_stable_decay_schedule() -> None:
     assert cosine == pytest.approx(0.02 + 0.98 * 0.5) and _lr_factor(300, 1000, 0.0, None, 100) < 1.0
     with pytest.raises(ValueError, match="decay_share must be in"):
         SegTrainConfig(decay_share=0.0)
+
+
+def test_patch_whitening_decorrelates_the_first_embedding(tiny_zoo: Path, tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    from pipeline.models import load_segmenter
+    from segmentation.pairs import PairConfig, PairSet
+    from segmentation.removal import normalize_batch
+    from segmentation.synthetic import make_stickers
+    from segmentation.training import SegTrainConfig, train_segmenter, whiten_patch_embedding
+
+    segmenter = load_segmenter(tiny_zoo / "segformer", device=CPU)
+    stickers = make_stickers(6, seed=0, size=64)
+    pairs = PairSet(stickers, length=24, config=PairConfig(size=48))
+    images = np.stack([pairs[i].image for i in range(len(pairs))])
+    conv = segmenter.model.segformer.stages[0].patch_embeddings.proj
+    whiten_patch_embedding(segmenter, images, eps=1e-6)
+    with torch.no_grad():
+        out = F.conv2d(normalize_batch(segmenter, images), conv.weight, conv.bias, conv.stride, conv.padding)
+    half = conv.out_channels // 2
+    assert torch.equal(out[:, half : 2 * half], -out[:, :half])  # pairs of opposite sign
+    features = out[:, :half].permute(0, 2, 3, 1).reshape(-1, half).double()
+    covariance = torch.cov(features.T)
+    # Unit variance and no correlation between the channels: the patches' covariance whitened.
+    torch.testing.assert_close(covariance, torch.eye(half, dtype=torch.float64), atol=1e-3, rtol=0)
+    assert torch.count_nonzero(conv.bias) == 0
+
+    # In a fresh run the option whitens before the first step.
+    fresh = load_segmenter(tiny_zoo / "segformer", device=CPU)
+    before = fresh.model.segformer.stages[0].patch_embeddings.proj.weight.clone()
+    config = SegTrainConfig(size=32, batch_size=4, epochs=1, pairs_per_epoch=4, val_pairs=4, whiten=True,
+                            lr=1e-9)
+    train_segmenter(fresh, stickers, tmp_path, config)
+    after = fresh.model.segformer.stages[0].patch_embeddings.proj.weight
+    half = after.shape[0] // 2
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after[half : 2 * half], -after[:half], atol=1e-6, rtol=0)
