@@ -439,11 +439,13 @@ def validate(segmenter: Segmenter, val: PairSet, *, batch_size: int = 16) -> flo
     import torch
     import torch.nn.functional as F
 
+    from segmentation.evaluation import pooled_iou
     from segmentation.removal import foreground_logit, normalize_batch
 
     model = segmenter.model
     model.eval()
-    inter = union = 0
+    preds: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     with torch.inference_mode():
         for start in range(0, len(val), batch_size):
             pairs = [val[i] for i in range(start, min(len(val), start + batch_size))]
@@ -452,11 +454,9 @@ def validate(segmenter: Segmenter, val: PairSet, *, batch_size: int = 16) -> flo
             fg = F.interpolate(fg[:, None], size=pairs[0].mask.shape, mode="bilinear", align_corners=False)[
                 :, 0
             ]
-            pred = (fg >= 0).cpu().numpy()
-            masks = np.stack([p.mask for p in pairs])
-            inter += int((pred & masks).sum())
-            union += int((pred | masks).sum())
-    return 1.0 if union == 0 else inter / union
+            preds.extend((fg >= 0).cpu().numpy())
+            masks.extend(p.mask for p in pairs)
+    return pooled_iou(preds, masks)
 
 
 def save_segmenter(segmenter: Segmenter, out_dir: Path, *, meta: dict[str, Any] | None = None) -> None:

@@ -519,5 +519,12 @@ def test_cli_train_and_eval(
                   "--out", str(report), "--scales", "1", "9"]
     assert main(bad_scales) == 2
     assert "--scales must be between 0.25 and 4" in capsys.readouterr().err
+    import pipeline.models
+
+    def no_loading(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a bad option must be refused before any model is loaded")
+
+    monkeypatch.setattr(pipeline.models, "load_segmenter", no_loading)
     assert main([*args[: args.index("--out")], "--out", str(tmp_path / "w"), "--workers", "-1"]) == 2
     assert "workers must be 0 or more, not -1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

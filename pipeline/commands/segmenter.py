@@ -135,16 +135,6 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     device, _ = device_and_dtype(settings)
-    resuming = (args.out / STATE_FILE).exists()
-    if resuming and (args.out / "config.json").exists():
-        segmenter = load_segmenter(args.out, device=device)  # the state's weights replace these
-    elif args.from_scratch:
-        segmenter = fresh_segmenter(
-            ARCHITECTURES[settings.preset].segformer, size, device=device, seed=args.seed
-        )
-    else:
-        source = args.init or resolve_sources(settings).segmenter
-        segmenter = load_segmenter(source, device=device, num_labels=1)
     recipe = scratch_recipe(size) if args.from_scratch else {"lr": 2e-4}
     if args.lr is not None:
         recipe["lr"] = args.lr
@@ -163,6 +153,17 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"stickerbot segmenter train: error: {exc}", file=sys.stderr)
         return 2
+    # A bad option is refused above, before a model is loaded (or downloaded).
+    resuming = (args.out / STATE_FILE).exists()
+    if resuming and (args.out / "config.json").exists():
+        segmenter = load_segmenter(args.out, device=device)  # the state's weights replace these
+    elif args.from_scratch:
+        segmenter = fresh_segmenter(
+            ARCHITECTURES[settings.preset].segformer, size, device=device, seed=args.seed
+        )
+    else:
+        source = args.init or resolve_sources(settings).segmenter
+        segmenter = load_segmenter(source, device=device, num_labels=1)
     steps = -(-config.pairs_per_epoch // config.batch_size) * config.epochs
     bar = tqdm(total=steps, disable=args.no_progress, unit="step", desc="segmenter")
     seen = {"step": 0}
