@@ -41,8 +41,7 @@ IOU_BAR = 0.95
 
 def iou(pred: np.ndarray, label: np.ndarray) -> float:
     """IoU of two boolean masks (1.0 when both are empty)."""
-    union = np.logical_or(pred, label).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, label).sum() / union)
+    return pooled_iou([pred], [label])
 
 
 def boundary_f(pred: np.ndarray, label: np.ndarray, *, tolerance: int = BOUNDARY_TOLERANCE) -> float:

@@ -260,3 +260,15 @@ def test_patch_whitening_decorrelates_the_first_embedding(tiny_zoo: Path, tmp_pa
     half = after.shape[0] // 2
     assert not torch.allclose(before, after, atol=1e-3)
     torch.testing.assert_close(after[half : 2 * half], -after[:half], atol=1e-6, rtol=0)
+
+    # A resumed run keeps the weights of its state: it does not whiten them again.
+    state_path = tmp_path / "training-state.pt"
+    state = torch.load(state_path, weights_only=False)
+    key = "segformer.stages.0.patch_embeddings.proj.weight"
+    state["model"][key] = torch.full_like(state["model"][key], 0.25)
+    torch.save(state, state_path)
+    config = SegTrainConfig(size=32, batch_size=4, epochs=2, pairs_per_epoch=4, val_pairs=4, whiten=True,
+                            lr=1e-9)
+    train_segmenter(fresh, stickers, tmp_path, config)
+    resumed = fresh.model.segformer.stages[0].patch_embeddings.proj.weight
+    torch.testing.assert_close(resumed, torch.full_like(resumed, 0.25), atol=1e-6, rtol=0)
