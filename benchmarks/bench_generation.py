@@ -52,7 +52,7 @@ def photo_bytes(seed: int) -> bytes:
 
 def run_cached(sticker_models, styles, options, photos) -> tuple[list[float], list[dict[str, float]]]:
     """Stickers round-robin over ``styles`` on one resident pipeline whose cache is warm."""
-    from pipeline.sticker_pipeline import make_sticker
+    from pipeline.stickers.sticker_pipeline import make_sticker
 
     for style in styles:  # fill the cache, as a worker that has served these users before
         sticker_models.generator.load_adapter(style)
@@ -70,7 +70,7 @@ def run_cached(sticker_models, styles, options, photos) -> tuple[list[float], li
 def run_reload(models, settings, styles, options, photos) -> list[float]:
     """Per request: load the diffusion components, build a pipeline, load the LoRA, generate."""
     from pipeline.models import load_diffusion, resolve_sources
-    from pipeline.sticker_pipeline import StickerModels, make_sticker
+    from pipeline.stickers.sticker_pipeline import StickerModels, make_sticker
 
     sources = resolve_sources(settings)
     totals = []
@@ -88,8 +88,8 @@ def run_reload(models, settings, styles, options, photos) -> list[float]:
 
 def bench_overhead(models, settings, styles) -> None:
     """Per request, the cost of getting the style's weights in place (no denoising)."""
-    from pipeline.generation import GenerationParams, StickerGenerator
     from pipeline.models import load_diffusion, resolve_sources
+    from pipeline.stickers.generation import GenerationParams, StickerGenerator
 
     params = GenerationParams()
     sources = resolve_sources(settings)
@@ -129,7 +129,7 @@ def bench_post() -> None:
     """finish_sticker + encode_webp on a 512-px cut-out, one core."""
     import cv2
 
-    from pipeline.stickers import PostOptions, encode_webp, finish_sticker
+    from pipeline.stickers.postprocess import PostOptions, encode_webp, finish_sticker
 
     cv2.setNumThreads(1)
     size = 512
@@ -166,8 +166,8 @@ def bench_gpu() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from pipeline.architectures import SD15
-    from pipeline.generation import GenerationParams, StickerGenerator, StyleRef, write_random_style
     from pipeline.models import DiffusionModels
+    from pipeline.stickers.generation import GenerationParams, StickerGenerator, StyleRef, write_random_style
     from pipeline.zoo import build_clip_tokenizer
 
     device, dtype = torch.device("cuda"), torch.float16
@@ -205,10 +205,10 @@ def bench_gpu() -> None:
 def main() -> None:
     import torch
 
-    from pipeline.generation import StyleRef, write_random_style
     from pipeline.models import load_models
     from pipeline.settings import load_settings
-    from pipeline.sticker_pipeline import STAGES, StickerModels, StickerOptions
+    from pipeline.stickers.generation import StyleRef, write_random_style
+    from pipeline.stickers.sticker_pipeline import STAGES, StickerModels, StickerOptions
 
     # Two cores shared with other work: one intra-op thread is faster and steadier on the CPU.
     torch.set_num_threads(1)

@@ -97,10 +97,10 @@ async def throughput(path: Path, workers: int) -> float:
 
 
 async def sticker_latency(root: Path) -> tuple[list[float], list[float], int]:
-    from pipeline.generation import write_random_style
     from pipeline.jobs import Resident
     from pipeline.queue.sqlite import SqliteJobQueue
     from pipeline.settings import load_settings
+    from pipeline.stickers.generation import write_random_style
     from segmentation.synthetic import sticker_files
 
     settings = load_settings(preset="tiny", data_dir=root / "data", device="auto", dtype="auto")

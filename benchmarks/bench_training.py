@@ -29,7 +29,7 @@ PHASES = ("data", "vae", "text_encoder", "unet", "optimizer")
 def _run(models, prepared, config, root: Path, name: str,
          step_times: list[float] | None = None):  # -> TrainingResult
     """One training call; ``step_times`` collects each step's wall time after the first."""
-    from pipeline.training import train_style
+    from pipeline.training.trainer import train_style
 
     last: list[float] = []
 
@@ -67,8 +67,8 @@ def _compare(models, prepared, base, root: Path, *, rounds: int, tag: str) -> No
 def _cpu_comparison(root: Path) -> None:
     from pipeline.models import load_models
     from pipeline.settings import load_settings
-    from pipeline.sticker_set import prepare_sticker_set
-    from pipeline.training import TrainingConfig
+    from pipeline.training.sticker_set import prepare_sticker_set
+    from pipeline.training.trainer import TrainingConfig
 
     settings = load_settings(preset="tiny", data_dir=root / "data", device="cpu", dtype="float32")
     models = load_models(settings).diffusion
@@ -107,8 +107,8 @@ def _sd15_models(device: torch.device, dtype: torch.dtype, resolution: int):  # 
 
 def _cpu_sd15_ratio(root: Path, resolution: int = 128, steps: int = 4) -> None:
     """The same comparison with SD 1.5's proportions (VAE encoder vs UNet), at a CPU-sized 128 px."""
-    from pipeline.sticker_set import prepare_sticker_set
-    from pipeline.training import TrainingConfig
+    from pipeline.training.sticker_set import prepare_sticker_set
+    from pipeline.training.trainer import TrainingConfig
 
     torch.manual_seed(0)
     models = _sd15_models(torch.device("cpu"), torch.float32, resolution)
@@ -125,8 +125,8 @@ def _gpu_sd15(root: Path) -> None:
     if not torch.cuda.is_available():
         print("no GPU: skipping SD 1.5-sized training at 512 px")
         return
-    from pipeline.sticker_set import prepare_sticker_set
-    from pipeline.training import TrainingConfig
+    from pipeline.training.sticker_set import prepare_sticker_set
+    from pipeline.training.trainer import TrainingConfig
 
     models = _sd15_models(torch.device("cuda"), torch.float16, 512)
     prepared = prepare_sticker_set(sticker_files(4), resolution=512)

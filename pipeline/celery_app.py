@@ -386,7 +386,7 @@ def run_handler(runtime: WorkerRuntime, job: Job, hooks: JobHooks) -> dict[str, 
     """The embedded worker's handler for ``job`` (:func:`pipeline.jobs.run_job`), with its
     out-of-memory policy: once more on the low-memory profile, then fail."""
     from pipeline.jobs import run_job
-    from pipeline.worker import free_accelerator_memory, is_out_of_memory
+    from pipeline.memory import free_accelerator_memory, is_out_of_memory
 
     resident = runtime.resident()
     while True:
@@ -415,7 +415,7 @@ def _failed(app: Celery, runtime: WorkerRuntime, message: dict[str, Any], job: J
     out of memory on the low-memory profile fail for good; anything unexpected is tried again
     (on any worker) while attempts remain."""
     from pipeline.errors import StickerbotError
-    from pipeline.worker import free_accelerator_memory, is_out_of_memory
+    from pipeline.memory import free_accelerator_memory, is_out_of_memory
 
     runtime.low_memory.discard(job.id)
     if is_out_of_memory(exc):

@@ -34,8 +34,8 @@ from pipeline.storage.files import DataDir, write_atomic
 if TYPE_CHECKING:
     from pipeline.models import Models
     from pipeline.settings import Settings
-    from pipeline.sticker_pipeline import StickerModels
-    from pipeline.training import TrainingConfig
+    from pipeline.stickers.sticker_pipeline import StickerModels
+    from pipeline.training.trainer import TrainingConfig
 
 StopRequest = Literal["cancel", "yield"] | None
 ShouldStop = Callable[[], StopRequest]
@@ -60,7 +60,7 @@ class Resident:
     @classmethod
     def load(cls, settings: Settings) -> Resident:
         from pipeline.models import load_models
-        from pipeline.sticker_pipeline import StickerModels
+        from pipeline.stickers.sticker_pipeline import StickerModels
 
         models = load_models(settings)
         return cls(settings=settings, data=DataDir(settings.data_dir), models=models,
@@ -95,7 +95,7 @@ def training_config(payload: dict[str, Any], settings: Settings, *,
     Checkpoints come often enough that a crash or a preemption loses seconds, not minutes. The
     tiny preset (tests, CPU) keeps class-prior generation small.
     """
-    from pipeline.training import TrainingConfig
+    from pipeline.training.trainer import TrainingConfig
 
     steps = payload.get("steps")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -117,8 +117,8 @@ def training_config(payload: dict[str, Any], settings: Settings, *,
 
 def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
               low_memory: bool = False) -> dict[str, Any]:
-    from pipeline.sticker_set import prepare_sticker_set
-    from pipeline.training import TrainingProgress, train_style
+    from pipeline.training.sticker_set import prepare_sticker_set
+    from pipeline.training.trainer import TrainingProgress, train_style
 
     settings, data, payload = resident.settings, resident.data, job.payload
     # 1. check the payload and read the set
@@ -164,8 +164,8 @@ def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress
 
 def run_sticker(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
                 low_memory: bool = False) -> dict[str, Any]:
-    from pipeline.generation import StyleRef
-    from pipeline.sticker_pipeline import StickerOptions, make_sticker
+    from pipeline.stickers.generation import StyleRef
+    from pipeline.stickers.sticker_pipeline import StickerOptions, make_sticker
 
     data, payload = resident.data, job.payload
     # 1. check the payload, the style and the photo

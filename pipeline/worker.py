@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
 import socket
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -43,6 +41,7 @@ from pipeline.errors import (
     TrainingPreempted,
 )
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
+from pipeline.memory import free_accelerator_memory, is_out_of_memory
 from pipeline.monitoring import default_metrics, start_metrics_server
 from pipeline.queue.base import Job, JobKind, JobQueue, JobState
 from pipeline.storage.files import DataDir
@@ -70,22 +69,6 @@ def parse_faults(spec: str | None) -> dict[JobKind, int]:
             raise ValueError(f"bad fault {part!r}: expected oom:<kind>:<count>, e.g. oom:train:2")
         faults[JobKind(fields[1])] = faults.get(JobKind(fields[1]), 0) + int(fields[2])
     return faults
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    # Without torch imported nothing could have raised its error (and a no-op worker should not
-    # pay seconds for the import).
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def free_accelerator_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(ImportError):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 @dataclass

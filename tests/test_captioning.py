@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.captioning import _remove_prefix, caption_image, clean_caption
+from pipeline.stickers.captioning import _remove_prefix, caption_image, clean_caption
 
 
 @pytest.mark.parametrize("raw, clean", [

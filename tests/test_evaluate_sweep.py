@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import InputError
-from pipeline.evaluation import (
+from pipeline.quality.evaluation import (
     EvaluationConfig,
     ReferenceSet,
     evaluate_style,
@@ -24,9 +24,8 @@ from pipeline.evaluation import (
     promote_checkpoint,
     select_best_checkpoint,
 )
-from pipeline.metrics import METRICS, StyleScores, load_lpips
-from pipeline.style import LORA_FILE, StyleInfo, read_style
-from pipeline.sweep import (
+from pipeline.quality.metrics import METRICS, StyleScores, load_lpips
+from pipeline.quality.sweep import (
     SweepResult,
     SweepRow,
     best_per_column,
@@ -35,6 +34,7 @@ from pipeline.sweep import (
     format_markdown,
     parse_grid,
 )
+from pipeline.training.style import LORA_FILE, StyleInfo, read_style
 
 RES = 32
 # Guidance 1 skips the unconditional pass: half the UNet work.
@@ -84,7 +84,7 @@ def lora_style(tmp_path_factory, diffusion) -> Path:
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft import LoraConfig
 
-    from pipeline.training import ADAPTER_NAME, TEXT_LORA_TARGETS, UNET_LORA_TARGETS, save_lora_style
+    from pipeline.training.trainer import ADAPTER_NAME, TEXT_LORA_TARGETS, UNET_LORA_TARGETS, save_lora_style
 
     out = tmp_path_factory.mktemp("style") / "style"
     out.mkdir()
@@ -208,8 +208,8 @@ def test_prompt_file_is_checked_line_by_line(tmp_path) -> None:
 
 def test_best_checkpoint_is_chosen_among_intermediate_adapters_and_promoted(
         tmp_path, diffusion, encoders, references) -> None:
-    from pipeline.sticker_set import list_sticker_files, prepare_sticker_set
-    from pipeline.training import TrainingConfig, train_style
+    from pipeline.training.sticker_set import list_sticker_files, prepare_sticker_set
+    from pipeline.training.trainer import TrainingConfig, train_style
 
     clip, dino = encoders
     prepared = prepare_sticker_set(list_sticker_files(_write_stickers(tmp_path / "set")), resolution=RES)

@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError, StyleError
-from pipeline.generation import (
+from pipeline.models import load_diffusion, resolve_sources
+from pipeline.settings import Settings, load_settings
+from pipeline.stickers.generation import (
     GenerationParams,
     StickerGenerator,
     StyleRef,
     fit_to_model,
     write_random_style,
 )
-from pipeline.models import load_diffusion, resolve_sources
-from pipeline.settings import Settings, load_settings
 
 PARAMS = GenerationParams(steps=4, strength=0.5)  # 2 denoising steps
 PROMPT = "a zqv cat sticker, cat with a hat"
@@ -258,7 +258,7 @@ def test_full_fine_tuned_style_swaps_the_unet(diffusion, styles, photo, tmp_path
     import copy
     from dataclasses import replace
 
-    from pipeline.style import write_style_info
+    from pipeline.training.style import write_style_info
 
     gen = StickerGenerator(diffusion, cache_size=2)
     base = run(gen, photo, None)[0]

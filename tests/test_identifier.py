@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.identifier import (
+from pipeline.training.identifier import (
     check_identifier,
     choose_identifier,
     class_noun_from_captions,

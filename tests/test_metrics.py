@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.metrics import (
+from pipeline.quality.metrics import (
     METRICS,
     StyleScores,
     clip_i_score,
@@ -23,7 +23,7 @@ from pipeline.metrics import (
     mean_pairwise_distance,
     neutral_prompt,
 )
-from pipeline.prompt_ranking import fill_template, format_ranking, rank_prompts, rank_scores
+from pipeline.quality.prompt_ranking import fill_template, format_ranking, rank_prompts, rank_scores
 
 E1, E2, E3 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
 

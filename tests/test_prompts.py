@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.prompts import (
+from pipeline.stickers.prompts import (
     DEFAULT_NEGATIVE_PROMPT,
     check_template,
     class_prompt,

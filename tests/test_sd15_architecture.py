@@ -27,9 +27,9 @@ def test_one_lora_step_on_sd15_sized_models(tmp_path: Path) -> None:
 
     from pipeline.architectures import SD15
     from pipeline.models import DiffusionModels
-    from pipeline.sticker_set import prepare_sticker_set
-    from pipeline.style import LORA_FILE, read_style
-    from pipeline.training import TrainingConfig, train_style
+    from pipeline.training.sticker_set import prepare_sticker_set
+    from pipeline.training.style import LORA_FILE, read_style
+    from pipeline.training.trainer import TrainingConfig, train_style
     from pipeline.zoo import build_clip_tokenizer
 
     torch.manual_seed(0)

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 
 from pipeline.architectures import SD15
-from pipeline.generation import (
+from pipeline.models import DiffusionModels, Models
+from pipeline.stickers.generation import (
     GenerationParams,
     StickerGenerator,
     StyleRef,
     size_multiple,
     write_random_style,
 )
-from pipeline.models import DiffusionModels, Models
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +76,8 @@ def test_sd15_sized_img2img_with_an_adapter(sd15: DiffusionModels, tmp_path: Pat
 
 
 def test_sd15_sized_make_sticker(sd15: DiffusionModels, tiny_models, tmp_path: Path) -> None:
-    from pipeline.sticker_pipeline import StickerModels, StickerOptions, make_sticker
-    from pipeline.stickers import check_sticker
+    from pipeline.stickers.postprocess import check_sticker
+    from pipeline.stickers.sticker_pipeline import StickerModels, StickerOptions, make_sticker
 
     write_random_style(sd15, tmp_path / "style", seed=5, rank=4, copy_modules=False)
     models = Models(sources=tiny_models.sources, diffusion=sd15, captioner=tiny_models.captioner,

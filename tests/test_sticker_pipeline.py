@@ -25,11 +25,11 @@ from pipeline.errors import (
     StyleError,
     UnsupportedStickerError,
 )
-from pipeline.generation import StyleRef, write_random_style
 from pipeline.models import load_models
 from pipeline.settings import Settings, load_settings
-from pipeline.sticker_pipeline import STAGES, StickerModels, StickerOptions, make_sticker
-from pipeline.stickers import MAX_STICKER_BYTES, check_sticker
+from pipeline.stickers.generation import StyleRef, write_random_style
+from pipeline.stickers.postprocess import MAX_STICKER_BYTES, check_sticker
+from pipeline.stickers.sticker_pipeline import STAGES, StickerModels, StickerOptions, make_sticker
 
 FAST = {"steps": 4, "strength": 0.5}  # 2 denoising steps: the pipeline, not the quality, is tested
 REPO = Path(__file__).resolve().parents[1]

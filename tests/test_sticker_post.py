@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.stickers import (
+from pipeline.stickers.postprocess import (
     MAX_STICKER_BYTES,
     PostOptions,
     add_shadow,

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.cli import main as cli_main
 from pipeline.errors import StickerSetError
-from pipeline.sticker_set import difference_hash, list_sticker_files, prepare_sticker_set
+from pipeline.training.sticker_set import difference_hash, list_sticker_files, prepare_sticker_set
 
 
 def _png(img: Image.Image) -> bytes:

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 from pipeline.errors import CancelledError, TrainingPreempted
 from pipeline.models import DiffusionModels, load_models
 from pipeline.settings import Settings
-from pipeline.sticker_set import PreparedSet, prepare_sticker_set
-from pipeline.style import LORA_FILE, read_style
-from pipeline.training import (
+from pipeline.training.sticker_set import PreparedSet, prepare_sticker_set
+from pipeline.training.style import LORA_FILE, read_style
+from pipeline.training.trainer import (
     CHECKPOINT_FILE,
     UNET_LORA_TARGETS_EXTENDED,
     TrainingConfig,
@@ -118,7 +118,7 @@ def test_learning_signal_round_trip_and_models_left_as_found(
     config = TrainingConfig(steps=20, lr=1e-2, rank=4, lora_alpha=8, batch_size=2,
                             lora_targets=UNET_LORA_TARGETS_EXTENDED, train_text_encoder=True,
                             num_class_images=4, class_image_steps=2, warmup_steps=2, seed=1)
-    from pipeline.class_images import ensure_class_images
+    from pipeline.training.class_images import ensure_class_images
 
     inst_prompt, cls_prompt = "a zwx character sticker", "a character sticker"
     class_imgs = ensure_class_images(models, prompt=cls_prompt, count=4, cache_dir=tmp_path / "cls",

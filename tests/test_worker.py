@@ -209,7 +209,7 @@ def lora_tensors(style_dir: Path) -> dict[str, np.ndarray]:
 
 async def test_sigkill_mid_training_resumes_on_another_worker(
         queue: SqliteJobQueue, tiny_settings: Settings, tiny_env: dict[str, str], tmp_path: Path) -> None:
-    from pipeline.style import read_style
+    from pipeline.training.style import read_style
 
     data = DataDir(tiny_settings.data_dir)
     payload = {"style_id": "style1", "images": sticker_set(data), "class_noun": "cat", "steps": 14,
@@ -269,8 +269,8 @@ async def test_sigkill_mid_training_resumes_on_another_worker(
 async def test_sticker_preempts_training_which_ends_as_if_uninterrupted(
         queue: SqliteJobQueue, tiny_settings: Settings, tiny_env: dict[str, str], tmp_path: Path,
         tiny_models: Any) -> None:
-    from pipeline.generation import write_random_style
-    from pipeline.stickers import check_sticker
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.stickers.postprocess import check_sticker
 
     data = DataDir(tiny_settings.data_dir)
     write_random_style(tiny_models.diffusion, data.root / "styles" / "ready", seed=1)

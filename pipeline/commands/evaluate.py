@@ -45,13 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _images(directory: str, *, resolution: int) -> list[Any]:
-    from pipeline.evaluation import load_references
+    from pipeline.quality.evaluation import load_references
 
     return load_references(Path(directory), resolution=resolution)
 
 
 def _rank(args: argparse.Namespace, clip: Any, resolution: int) -> int:
-    from pipeline.prompt_ranking import format_ranking, rank_prompts
+    from pipeline.quality.prompt_ranking import format_ranking, rank_prompts
 
     if not args.good:
         raise InputError("--rank-prompts needs --good DIR (images the prompt should match)")
@@ -75,7 +75,8 @@ def _rank(args: argparse.Namespace, clip: Any, resolution: int) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devices import device_and_dtype
-    from pipeline.evaluation import (
+    from pipeline.models import load_diffusion, load_image_encoder, resolve_sources
+    from pipeline.quality.evaluation import (
         EvaluationConfig,
         ReferenceSet,
         evaluate_style,
@@ -83,9 +84,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         promote_checkpoint,
         select_best_checkpoint,
     )
-    from pipeline.metrics import METRIC_LABELS, METRICS, load_lpips
-    from pipeline.models import load_diffusion, load_image_encoder, resolve_sources
-    from pipeline.style import read_style
+    from pipeline.quality.metrics import METRIC_LABELS, METRICS, load_lpips
+    from pipeline.training.style import read_style
 
     # 1. check the arguments before loading anything
     sources = resolve_sources(settings)

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
     from pipeline.errors import NotAnImageError
-    from pipeline.generation import StyleRef
     from pipeline.images import decode_image
-    from pipeline.sticker_pipeline import StickerModels, StickerOptions, make_sticker
+    from pipeline.stickers.generation import StyleRef
+    from pipeline.stickers.sticker_pipeline import StickerModels, StickerOptions, make_sticker
 
     # 1. check everything cheap first: options, style, photo
     given = {"strength": args.strength, "steps": args.steps, "guidance": args.guidance,

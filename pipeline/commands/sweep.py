@@ -38,11 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devices import device_and_dtype
-    from pipeline.evaluation import EvaluationConfig, load_prompt_templates
     from pipeline.models import load_diffusion, load_image_encoder, resolve_sources
-    from pipeline.sticker_set import list_sticker_files, prepare_sticker_set
-    from pipeline.sweep import combinations, config_for, format_markdown, parse_grid, run_sweep
-    from pipeline.training import TrainingConfig
+    from pipeline.quality.evaluation import EvaluationConfig, load_prompt_templates
+    from pipeline.quality.sweep import combinations, config_for, format_markdown, parse_grid, run_sweep
+    from pipeline.training.sticker_set import list_sticker_files, prepare_sticker_set
+    from pipeline.training.trainer import TrainingConfig
 
     # 1. check every input before anything loads or trains
     grid = parse_grid(args.grid)

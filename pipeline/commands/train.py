@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devices import device_and_dtype
-    from pipeline.identifier import class_noun_from_captions
     from pipeline.models import load_captioner, load_diffusion, resolve_sources
-    from pipeline.sticker_set import list_sticker_files, prepare_sticker_set
-    from pipeline.training import (
+    from pipeline.training.identifier import class_noun_from_captions
+    from pipeline.training.sticker_set import list_sticker_files, prepare_sticker_set
+    from pipeline.training.trainer import (
         UNET_LORA_TARGETS,
         UNET_LORA_TARGETS_EXTENDED,
         TrainingConfig,
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     # 2. the class noun, from BLIP captions when not given
     if not args.class_noun:
-        from pipeline.captioning import caption_image
+        from pipeline.stickers.captioning import caption_image
 
         captioner = load_captioner(sources, device=device, dtype=dtype)
         captions = [caption_image(captioner, img) for img in prepared.images]

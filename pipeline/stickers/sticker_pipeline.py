@@ -10,7 +10,7 @@
 removal -> post-processing -> WEBP, timing each stage. Bad input raises a specific
 :class:`~pipeline.errors.StickerbotError` (an ImageError naming the photo, a StyleError naming
 the style, an InputError for bad options); every sticker it returns passes
-:func:`~pipeline.stickers.check_sticker`.
+:func:`~pipeline.stickers.postprocess.check_sticker`.
 """
 
 from __future__ import annotations
@@ -26,24 +26,29 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pipeline.captioning import DEFAULT_MAX_WORDS, caption_image
 from pipeline.errors import InputError
-from pipeline.generation import (
+from pipeline.images import DEFAULT_MAX_PIXELS, composite_on, decode_image
+from pipeline.stickers.captioning import DEFAULT_MAX_WORDS, caption_image
+from pipeline.stickers.generation import (
     MAX_VARIANTS,
     GenerationParams,
     StickerGenerator,
     StyleRef,
     fit_to_model,
 )
-from pipeline.images import DEFAULT_MAX_PIXELS, composite_on, decode_image
-from pipeline.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_STICKER_TEMPLATE, check_template, sticker_prompt
-from pipeline.stickers import (
+from pipeline.stickers.postprocess import (
     PostOptions,
     check_sticker,
     encode_webp,
     finish_sticker,
     rounded_cutout,
     suggest_emoji,
+)
+from pipeline.stickers.prompts import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_STICKER_TEMPLATE,
+    check_template,
+    sticker_prompt,
 )
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 from PIL import Image, ImageOps
 
 from pipeline.errors import ConfigError, ModelNotFoundError, StyleError
-from pipeline.style import LORA_FILE, STYLE_FILE, UNET_DIR, StyleInfo, read_style
+from pipeline.training.style import LORA_FILE, STYLE_FILE, UNET_DIR, StyleInfo, read_style
 
 if TYPE_CHECKING:
     from pipeline.models import DiffusionModels
@@ -387,8 +387,8 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from pipeline.prompts import class_prompt, instance_prompt
-    from pipeline.style import write_style_info
+    from pipeline.stickers.prompts import class_prompt, instance_prompt
+    from pipeline.training.style import write_style_info
 
     style_dir = Path(style_dir)
     style_dir.mkdir(parents=True, exist_ok=True)

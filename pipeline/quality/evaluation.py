@@ -1,5 +1,5 @@
 """Evaluate a style: fixed, seeded text-to-image generations scored with CLIP-I, DINO, CLIP-T and
-LPIPS diversity (see :mod:`pipeline.metrics`), written as JSON and a contact sheet.
+LPIPS diversity (see :mod:`pipeline.quality.metrics`), written as JSON and a contact sheet.
 
     <out dir>/
         metrics.json        scores, per-prompt scores, the settings that produced them
@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.errors import InputError, StyleError
-from pipeline.metrics import (
+from pipeline.quality.metrics import (
     METRICS,
     Lpips,
     StyleScores,
@@ -46,9 +46,9 @@ from pipeline.metrics import (
     load_lpips,
     neutral_prompt,
 )
-from pipeline.prompts import DEFAULT_NEGATIVE_PROMPT, check_template
+from pipeline.stickers.prompts import DEFAULT_NEGATIVE_PROMPT, check_template
 from pipeline.storage.files import write_atomic
-from pipeline.style import LORA_FILE, UNET_DIR, StyleInfo, read_style, write_style_info
+from pipeline.training.style import LORA_FILE, UNET_DIR, StyleInfo, read_style, write_style_info
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def load_prompt_templates(path: str | Path) -> list[str]:
 
 def load_references(directory: str | Path, *, resolution: int) -> list[Image.Image]:
     """The reference stickers of a directory, decoded safely and fitted like training images."""
-    from pipeline.sticker_set import list_sticker_files, prepare_sticker_set
+    from pipeline.training.sticker_set import list_sticker_files, prepare_sticker_set
 
     files = list_sticker_files(Path(directory))
     prepared = prepare_sticker_set(files, resolution=resolution, min_images=1)

@@ -2,7 +2,7 @@
 
     grid  "lr=1e-4,1e-5" "rank=4,16,64" "text_encoder=0,1" "prior=0,1"
 
-Each key is a :class:`pipeline.training.TrainingConfig` field or one of the short names in
+Each key is a :class:`pipeline.training.trainer.TrainingConfig` field or one of the short names in
 ``GRID_ALIASES``; values are parsed by the field's type (``0``/``1``/``true``/``false`` for
 switches). A sweep prepares the sticker set once, encodes the references once, shares one
 class-image cache between all runs (prior preservation generates its class images once), and
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, StyleError
-from pipeline.evaluation import EvaluationConfig, ReferenceSet, evaluate_style
-from pipeline.metrics import METRIC_LABELS, METRICS, Lpips, StyleScores, load_lpips
+from pipeline.quality.evaluation import EvaluationConfig, ReferenceSet, evaluate_style
+from pipeline.quality.metrics import METRIC_LABELS, METRICS, Lpips, StyleScores, load_lpips
 from pipeline.storage.files import write_atomic
-from pipeline.style import read_style
+from pipeline.training.style import read_style
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _config_types() -> dict[str, Any]:
-    from pipeline.training import TrainingConfig
+    from pipeline.training.trainer import TrainingConfig
 
     return typing.get_type_hints(TrainingConfig)
 
@@ -255,7 +255,7 @@ def _finished_evaluation(eval_dir: Path, style_dir: Path, config: EvaluationConf
                          templates: Sequence[str] | None) -> tuple[StyleScores, float] | None:
     """The scores already in ``eval_dir`` when they were made from this very style (its
     creation time), with these settings and prompts; None otherwise."""
-    from pipeline.evaluation import DEFAULT_PROMPTS
+    from pipeline.quality.evaluation import DEFAULT_PROMPTS
 
     try:
         report = json.loads((eval_dir / "metrics.json").read_text())
@@ -287,7 +287,7 @@ def run_sweep(
     log_line: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Train and evaluate every combination of ``grid`` on ``prepared`` (a PreparedSet)."""
-    from pipeline.training import TrainingConfig, train_style
+    from pipeline.training.trainer import TrainingConfig, train_style
 
     say = log_line or log.info
     out = Path(out_dir)

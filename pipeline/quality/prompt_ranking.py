@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.metrics import cosine_matrix, encode_images, encode_texts
+from pipeline.quality.metrics import cosine_matrix, encode_images, encode_texts
 
 
 @dataclass(frozen=True)

@@ -45,19 +45,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.class_images import base_model_only, ensure_class_images
 from pipeline.errors import CancelledError, TrainingPreempted
-from pipeline.identifier import check_identifier, choose_identifier
 from pipeline.models import DiffusionModels
-from pipeline.prompts import (
+from pipeline.stickers.prompts import (
     DEFAULT_CLASS_TEMPLATE,
     DEFAULT_INSTANCE_TEMPLATE,
     class_prompt,
     instance_prompt,
 )
-from pipeline.sticker_set import PreparedSet
 from pipeline.storage.files import atomic_directory, write_atomic_with
-from pipeline.style import LORA_FILE, UNET_DIR, StyleInfo, write_style_info
+from pipeline.training.class_images import base_model_only, ensure_class_images
+from pipeline.training.identifier import check_identifier, choose_identifier
+from pipeline.training.sticker_set import PreparedSet
+from pipeline.training.style import LORA_FILE, UNET_DIR, StyleInfo, write_style_info
 
 log = logging.getLogger(__name__)
 
