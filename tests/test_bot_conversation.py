@@ -173,8 +173,10 @@ async def test_forged_callbacks_change_nothing(fake: FakeBotAPI, settings: Setti
                      f"delyes:{owned.id}", f"pack:{sticker.id}", f"again:{sticker.id}",
                      f"redo:{owned.id}", f"style:{owned.id}", "noun:../../x", "nonsense"):
             fake.press(mallory, data)
-        await fake.wait_for(lambda c: c.method == "answerCallbackQuery", start=start)
-        await asyncio.sleep(1.0)
+        index = start
+        for _ in range(10):  # each press is answered; wait for the tenth answer
+            answer = await fake.wait_for(lambda c: c.method == "answerCallbackQuery", start=index)
+            index = fake.calls.index(answer) + 1
         alerts = [c for c in fake.calls[start:] if c.method == "answerCallbackQuery"]
         assert len(alerts) == 10
         assert all("doesn't belong to you" in str(c.params.get("text")) for c in alerts)
