@@ -326,3 +326,59 @@ def test_worker_command_rejects_bad_kinds_and_faults(tiny_env: dict[str, str]) -
                             text=True, timeout=60)
     assert celery.returncode == 2 and "celery -A pipeline.celery_app worker" in celery.stderr
     assert os.environ.get("STICKERBOT_FAULT_INJECT") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["prctl", "watching", "watching, stop hangs"])
+def test_a_worker_ends_with_its_supervisor(how: str, tmp_path: Path) -> None:
+    """The supervisor is SIGKILLed; the worker it started in a session of its own gets SIGTERM:
+    from the kernel (prctl) or, where there is none, from the watching thread, which also ends
+    a worker whose graceful stop hangs after the grace period."""
+    hangs = how.endswith("hangs")
+    child = (
+        "import os, signal, sys, time\n"
+        "import pipeline.supervision as s\n"
+        + ("" if how == "prctl" else "s.set_parent_death_signal = lambda sig: False\n")
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if hangs else "")
+        + f"s.follow_supervisor(os.getppid(), grace={1.0 if hangs else 30.0}, poll=0.05)\n"
+        "print('following', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    # the supervisor: starts the child in a session of its own, writes its pid, waits to be killed
+    supervisor = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True,\n"
+        "                      stdout=subprocess.PIPE)\n"
+        "p.stdout.readline()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", supervisor], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while os.path.exists(f"/proc/{pid}") and "Z" not in _proc_state(pid):
+            assert time.monotonic() - killed < 10, "the child outlived its supervisor"
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        # SIGTERM at once (long before the 30-s grace); a hanging stop cut after its 1-s grace
+        assert took >= (1.0 if hangs else 0.0), took
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from pipeline.settings import Settings
@@ -30,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_command(settings: Settings) -> list[str]:
+    # --supervisor-pid: the worker ends with us, even when we are SIGKILLed (pipeline/supervision.py)
     return [sys.executable, "-m", "pipeline.cli", "worker", "--preset", settings.preset,
-            "--data-dir", str(settings.data_dir)]
+            "--data-dir", str(settings.data_dir), "--supervisor-pid", str(os.getpid())]
 
 
 def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
@@ -41,7 +43,10 @@ def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
     On a shared CPU (no GPU, or a small box) model code would otherwise take every core and the
     bot would answer late; niced, the worker gets what the bot leaves. It inherits the
     environment (the operator's variables), in its own session, so a Ctrl+C in the terminal
-    reaches it only through us."""
+    reaches it only through us. It ends when we end (a parent-death signal fires when the
+    *thread* that started the worker exits): call this from the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start workers from the main thread: they end when their starting thread does")
     proc = subprocess.Popen(worker_command(settings), env=dict(os.environ if env is None else env),
                             start_new_session=True, **popen)
     # Linux niceness is per thread and inherited by threads created later: set it right away,
