@@ -1,6 +1,8 @@
 """``stickerbot run``: everything on one machine. Migrates the database, checks the token, starts
 one ``stickerbot worker`` subprocess and the bot; SIGINT/SIGTERM stop both. A worker that dies is
-started again (after a pause), so a crash in model code never takes the bot down."""
+started again (after a pause that grows while it keeps crashing), so a crash in model code never
+takes the bot down. A worker whose models do not load does not exit: it retries by itself
+(pipeline/worker_health.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from pipeline.settings import Settings
@@ -20,7 +23,9 @@ from pipeline.settings import Settings
 HELP = "migrate the database, then run the bot and one worker together (Ctrl+C stops both)"
 log = logging.getLogger("stickerbot.run")
 
-WORKER_RESTART_DELAY = 5.0
+WORKER_RESTART_DELAY = 5.0  # after a crash; doubled for each crash in a row ...
+WORKER_RESTART_MAX_DELAY = 300.0  # ... up to this
+WORKER_HEALTHY_AFTER = 120.0  # a worker that ran this long before exiting starts a new series
 WORKER_STOP_TIMEOUT = 60.0  # a training step is allowed to finish and save
 WORKER_NICENESS = 10  # the bot answers users first; the worker takes the rest of the CPU
 
@@ -56,6 +61,13 @@ def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
     return proc
 
 
+def restart_delay(crashes_in_a_row: int) -> float:
+    """Seconds before starting a worker again after its ``crashes_in_a_row``-th quick exit."""
+    from pipeline.worker_health import backoff_delay
+
+    return backoff_delay(crashes_in_a_row, initial=WORKER_RESTART_DELAY, cap=WORKER_RESTART_MAX_DELAY)
+
+
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
@@ -85,15 +97,20 @@ async def supervise(settings: Settings, with_worker: bool) -> None:
 
     async def watch_worker() -> None:
         nonlocal worker
+        crashes = 0
         while not stopping.is_set() and worker is not None:
+            started = time.monotonic()
             code = await asyncio.to_thread(worker.wait)
             if stopping.is_set():
                 return
-            log.error("the worker exited with code %s; starting it again in %.0f s", code,
-                      WORKER_RESTART_DELAY)
-            await asyncio.sleep(WORKER_RESTART_DELAY)
+            lived = time.monotonic() - started
+            crashes = 1 if lived >= WORKER_HEALTHY_AFTER else crashes + 1
+            delay = restart_delay(crashes)
+            log.error("the worker exited with code %s after %.0f s (crash %d in a row); starting it "
+                      "again in %.0f s", code, lived, crashes, delay)
+            await asyncio.sleep(delay)
             if not stopping.is_set():
-                worker = start_worker(settings)
+                worker = start_worker(settings)  # on the loop's thread, the main one
 
     watcher = asyncio.create_task(watch_worker())
     try:
