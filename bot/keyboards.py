@@ -7,11 +7,9 @@ from collections.abc import Sequence
 
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
 
+from bot.nouns import SUBJECTS, label
 from bot.texts import t
 from pipeline.storage.repository import Style
-
-# Suggested class nouns for /train; a user may type any other word.
-NOUN_SUGGESTIONS = ("character", "animal", "person", "cat", "object")
 
 
 def _button(text: str, data: str) -> InlineKeyboardButton:
@@ -31,10 +29,10 @@ def train_keyboard(lang: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(inline_keyboard=[[_button(t(lang, "btn_train"), "train")]])
 
 
-def noun_keyboard() -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup(inline_keyboard=[
-        [_button(noun, f"noun:{noun}") for noun in NOUN_SUGGESTIONS]
-    ])
+def noun_keyboard(lang: str) -> InlineKeyboardMarkup:
+    """The common sticker subjects, labelled in ``lang``; the data carries the English noun."""
+    buttons = [_button(label(noun, lang), f"noun:{noun}") for noun in SUBJECTS]
+    return InlineKeyboardMarkup(inline_keyboard=[buttons[i:i + 5] for i in range(0, len(buttons), 5)])
 
 
 def sticker_keyboard(lang: str, sticker_id: str) -> InlineKeyboardMarkup:

@@ -67,10 +67,13 @@ TEXTS: dict[str, dict[str, str]] = {
         "train_no_draft": "There is nothing to train yet. Send me at least 3 stickers or pictures first.",
         "train_too_few": "The draft «{name}» has {count} usable image(s); training needs at least {min}.",
         "train_ask_noun": (
-            "What do your stickers show? Send one word (for example: cat, girl, robot) "
-            "or pick one below."
+            "What do your stickers show? Pick one below or send one or two English words "
+            "(for example: cat, cartoon girl, robot)."
         ),
-        "train_bad_noun": "Please send one or two plain words, like «cat» or «cartoon girl».",
+        "train_unknown_noun": (
+            "I don't know «{word}». Pick what your stickers show below, or send one or two "
+            "English words (for example: cat, cartoon girl)."
+        ),
         "train_queued": (
             "🏋️ Training «{name}» ({noun}, {count} images) is queued: position {position}{eta}."
         ),
@@ -215,10 +218,13 @@ TEXTS: dict[str, dict[str, str]] = {
             "В черновике «{name}» {count} подходящих изображений; для обучения нужно не меньше {min}."
         ),
         "train_ask_noun": (
-            "Что изображено на стикерах? Пришли одно слово (например: cat, girl, robot) "
-            "или выбери ниже."
+            "Что изображено на стикерах? Выбери ниже или пришли одно-два слова "
+            "(например: кот, мультяшная девушка, робот)."
         ),
-        "train_bad_noun": "Пришли одно-два простых слова, например «cat» или «cartoon girl».",
+        "train_unknown_noun": (
+            "Я не знаю слова «{word}». Выбери ниже, что изображено на стикерах, или пришли "
+            "одно-два слова по-английски (например: cat, cartoon girl)."
+        ),
         "train_queued": (
             "🏋️ Обучение «{name}» ({noun}, {count} изобр.) в очереди: место {position}{eta}."
         ),

@@ -135,10 +135,20 @@ class WorkerRuntime:
         first use and kept for the life of the process (worker init calls this at start)."""
         with self._lock:
             if self._resident is None:
+                from pipeline import worker_health as wh
                 from pipeline.jobs import Resident
 
                 started = time.monotonic()
-                self._resident = Resident.load(self.settings)
+                name, data_dir = wh.health_name(self.settings.device), self.settings.data_dir
+                try:
+                    self._resident = Resident.load(self.settings)
+                except Exception as exc:  # the process exits; doctor and /stats say why
+                    wh.write_health(data_dir, wh.WorkerHealth(
+                        name, wh.MODELS_FAILED, reason=wh.failure_reason(exc), attempt=1,
+                        pid=os.getpid(), updated_at=time.time()))
+                    raise
+                wh.write_health(data_dir, wh.WorkerHealth(name, wh.READY, pid=os.getpid(),
+                                                          updated_at=time.time()))
                 log.info("models loaded in %.1f s (%s)", time.monotonic() - started, self.settings.preset)
             return self._resident
 

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # Celery: seconds before an unacknowledged job goes to another worker (its worker died).
     # Must be longer than the longest training run, or a running job would be handed out twice.
     celery_visibility_timeout: float = Field(default=6 * 3600.0, gt=0)
+    # A worker whose models fail to load tries again after this many seconds, doubling each
+    # time up to the cap (pipeline/worker_health.py); doctor and /stats show why.
+    model_load_retry_seconds: float = Field(default=5.0, gt=0)
+    model_load_retry_max_seconds: float = Field(default=300.0, gt=0)
 
     # --- Quotas ---------------------------------------------------------------------------
     max_queued_jobs_per_user: int = Field(default=3, ge=1)

@@ -331,7 +331,8 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     from pipeline.queue import open_queue
 
     kinds = list(kinds) if kinds else list(JobKind)
-    early_stop = asyncio.Event()  # SIGTERM while the models load: exit cleanly once they are in
+    # SIGTERM while the models load: exit cleanly once they are in, or at once between attempts
+    early_stop = threading.Event()
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -339,9 +340,16 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     resident: Resident | None = None
     if any(k != JobKind.NOOP for k in kinds):
         from pipeline.jobs import Resident
+        from pipeline.worker_health import load_with_backoff
 
         started = time.perf_counter()
-        resident = await asyncio.to_thread(Resident.load, settings)
+        resident = await asyncio.to_thread(
+            load_with_backoff, lambda: Resident.load(settings), data_dir=settings.data_dir,
+            device=settings.device, initial=settings.model_load_retry_seconds,
+            cap=settings.model_load_retry_max_seconds, stop=early_stop)
+        if resident is None:
+            log.info("stopped before the models loaded")
+            return 0
         log.info("models loaded in %.1f s (%s on %s)", time.perf_counter() - started, settings.preset,
                  resident.models.device)
     if settings.worker_metrics_port:

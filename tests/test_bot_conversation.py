@@ -173,8 +173,10 @@ async def test_forged_callbacks_change_nothing(fake: FakeBotAPI, settings: Setti
                      f"delyes:{owned.id}", f"pack:{sticker.id}", f"again:{sticker.id}",
                      f"redo:{owned.id}", f"style:{owned.id}", "noun:../../x", "nonsense"):
             fake.press(mallory, data)
-        await fake.wait_for(lambda c: c.method == "answerCallbackQuery", start=start)
-        await asyncio.sleep(1.0)
+        index = start
+        for _ in range(10):  # each press is answered; wait for the tenth answer
+            answer = await fake.wait_for(lambda c: c.method == "answerCallbackQuery", start=index)
+            index = fake.calls.index(answer) + 1
         alerts = [c for c in fake.calls[start:] if c.method == "answerCallbackQuery"]
         assert len(alerts) == 10
         assert all("doesn't belong to you" in str(c.params.get("text")) for c in alerts)
@@ -271,6 +273,61 @@ async def test_training_progress_ready_sticker_and_pack(fake: FakeBotAPI, settin
             assert (await queue.get(sticker_job)).state == JobState.SUCCEEDED
             fake.press(ann, buttons["pack"])
             await fake.wait_text(70, "already in your pack")
+    finally:
+        await queue.close()
+
+
+async def test_class_nouns_reach_training_in_english_in_both_languages(fake: FakeBotAPI,
+                                                                      settings: Settings) -> None:
+    """SD 1.5's text encoder reads English: the buttons speak the user's language and carry
+    English nouns, typed words go through the dictionary, and a word that is not understood is
+    asked again with the buttons."""
+    queue = await SqliteJobQueue.from_settings(settings)
+
+    async def trained_noun(user_id: int) -> str:
+        for _ in range(100):  # the "queued" message goes out just before the job is submitted
+            jobs = [j for j in await queue.list_for_user(user_id) if j.kind == JobKind.TRAIN]
+            if jobs:
+                [job] = jobs
+                return job.payload["class_noun"]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no training job for user {user_id}")
+
+    try:
+        async with running_bot(settings):
+            ivan, ann, bob = user(110, lang="ru"), user(111), user(112)
+            # Russian: the buttons are labelled in Russian; an unknown word is asked again
+            for i in range(3):
+                fid = fake.add_file(picture(i, fmt="WEBP"), kind="stickers", suffix=".webp")
+                fake.send_sticker(ivan, fid)
+                await fake.wait_text(110, f"{i + 1} подходящих")
+            fake.send_text(ivan, "/train")
+            ask = await fake.wait_text(110, "Что изображено на стикерах?")
+            assert ("кот", "noun:cat") in fake.buttons(ask) and ("робот", "noun:robot") in fake.buttons(ask)
+            fake.send_text(ivan, "кракозябра")
+            again = await fake.wait_text(110, "Я не знаю слова «кракозябра»")
+            assert fake.buttons(again) == fake.buttons(ask)
+            fake.send_text(ivan, "Мультяшная девушка")
+            await fake.wait_text(110, "(cartoon girl, 3 изобр.) в очереди")
+            assert await trained_noun(110) == "cartoon girl"
+            # English: a button; a typed English word; a typed unknown one asked again
+            await send_stickers(fake, ann, 3, first_seed=10)
+            fake.send_text(ann, "/train")
+            ask = await fake.wait_text(111, "What do your stickers show?")
+            assert ("cat", "noun:cat") in fake.buttons(ask)
+            fake.press(ann, "noun:robot")
+            await fake.wait_text(111, "(robot, 3 images) is queued")
+            assert await trained_noun(111) == "robot"
+            await send_stickers(fake, bob, 3, first_seed=20)
+            fake.send_text(bob, "/train жабоид")
+            again = await fake.wait_text(112, "I don't know «жабоид»")
+            assert ("dog", "noun:dog") in fake.buttons(again)
+            fake.press(bob, "noun:кот")  # forged: only the offered English nouns are accepted
+            await fake.wait_for(lambda c: c.method == "answerCallbackQuery"
+                                and "doesn't belong to you" in str(c.params.get("text")))
+            fake.send_text(bob, "котик")  # the dictionary works whatever the language
+            await fake.wait_text(112, "(cat, 3 images) is queued")
+            assert await trained_noun(112) == "cat"
     finally:
         await queue.close()
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bot_harness import bot_env, spawn
 from conftest import TEST_TOKEN
 from fake_bot_api import FakeBotAPI, user
+
+from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
@@ -112,4 +115,93 @@ async def test_a_pack_import_cut_by_sigkill_goes_on_after_the_restart(tmp_path: 
     finally:
         if proc.poll() is None:
             proc.kill()
+        await fake.close()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# Two model loads and a tiny training: about a minute on a busy 2-core box. The tie itself (prctl,
+# the watching thread) is tested by default in test_worker.py::test_a_worker_ends_with_its_supervisor.
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(600)
+async def test_a_sigkilled_run_takes_its_worker_along_and_a_restart_finishes_the_job_once(
+        tmp_path: Path, tiny_settings: Settings, tiny_env: dict[str, str]) -> None:
+    """`stickerbot run` is SIGKILLed mid-training (its worker runs in a session of its own, so
+    no signal reaches it from the terminal or the process group): the worker stops within
+    seconds, releasing its job, and the restarted `run` finishes the job once."""
+    import asyncio
+    import time
+
+    from pipeline.queue.base import JobKind, JobState
+    from pipeline.queue.sqlite import SqliteJobQueue
+    from pipeline.storage.files import DataDir
+    from segmentation.synthetic import sticker_files
+
+    fake = FakeBotAPI(TEST_TOKEN)
+    await fake.start()
+    env = bot_env({**tiny_env, "OMP_NUM_THREADS": "1", "STICKERBOT_LEASE_SECONDS": "30",
+                   "PYTHONUNBUFFERED": "1"}, fake, TEST_TOKEN)
+    data = DataDir(tiny_settings.data_dir)
+    images = [data.put_blob(png, suffix=".png")[0] for _, png in sticker_files(4, seed=1, size=80)]
+    queue = await SqliteJobQueue.open(tiny_settings.db_path)
+    log = tmp_path / "run.log"
+
+    async def until(check, what: str, within: float):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if value := await check():
+                return value
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}\n{log.read_text(errors='replace')[-3000:]}")
+
+    run = spawn(["-m", "pipeline.cli", "run"], env, log)
+    worker_pid = 0
+    try:
+        job = await queue.submit(JobKind.TRAIN, 1, {"style_id": "s1", "images": images,
+                                                    "class_noun": "cat", "steps": 40, "seed": 3})
+
+        async def training():
+            current = await queue.get(job.id)
+            return current if current.state == JobState.RUNNING and current.progress > 0 else None
+
+        running = await until(training, "training to be under way", within=300)
+        worker_pid = int(str(running.worker_id).split(":")[1])
+        assert worker_pid != run.pid and alive(worker_pid)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+
+        async def worker_gone() -> bool:
+            return not alive(worker_pid)
+
+        await until(worker_gone, "the orphaned worker to stop", within=15)
+        stopped = await queue.get(job.id)
+        assert stopped.state == JobState.QUEUED and stopped.progress < 1.0, stopped  # released
+        assert "released" in log.read_text()
+
+        run = spawn(["-m", "pipeline.cli", "run"], env, log)
+
+        async def finished():
+            current = await queue.get(job.id)
+            return current if current.state.finished else None
+
+        done = await until(finished, "the restarted run to finish the job", within=300)
+        assert done.state == JobState.SUCCEEDED and done.attempts == 1, done
+        assert done.result["resumed_from"] > 0 and done.worker_id != running.worker_id
+        assert sorted(p.name for p in (data.root / "styles").iterdir()) == ["s1"]
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=90) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if worker_pid and alive(worker_pid):  # an orphan, the bug this test is about
+            os.kill(worker_pid, signal.SIGKILL)
+        await queue.close()
         await fake.close()

@@ -12,9 +12,10 @@ from aiogram.fsm.storage.base import StorageKey
 
 from bot.downloads import DownloadError, check_file_path
 from bot.fsm_storage import SQLiteStorage, storage_key
+from bot.keyboards import noun_keyboard
 from bot.middlewares import ThrottlingMiddleware
 from bot.notifier import progress_text
-from bot.routers.training import clean_noun
+from bot.nouns import SUBJECTS, to_english
 from bot.texts import TEXTS, pick_language, t
 from pipeline.queue.base import Job, JobKind, JobState
 from pipeline.storage.db import open_database
@@ -61,11 +62,27 @@ def test_every_russian_text_fills_like_the_english_one() -> None:
     assert t("ru", "stats", users=1, styles=2, stickers=3, jobs="-", depth=0, worker="idle")
 
 
-@pytest.mark.parametrize(("text", "noun"), [("Cat", "cat"), ("  cartoon   girl ", "cartoon girl"),
-                                             ("кот", "кот"), ("a", None), ("cat1", None),
-                                             ("three word noun", None), ("<b>", None)])
-def test_class_nouns(text: str, noun: str | None) -> None:
-    assert clean_noun(text) == noun
+@pytest.mark.parametrize(("text", "noun"), [
+    ("Cat", "cat"), ("  cartoon   girl ", "cartoon girl"), ("axolotl", "axolotl"),  # English passes
+    ("кот", "cat"), ("Котёнок", "cat"), ("котенок", "cat"), ("ПЁС", "dog"),  # the dictionary
+    ("мультяшная девушка", "cartoon girl"), ("рыжий кот", "ginger cat"),
+    ("пушистый кот", "cat"),  # an unknown adjective is dropped, the noun kept
+    ("кракозябра", None), ("кот Барсик", None), ("кот cat", None),  # not understood
+    ("a", None), ("cat1", None), ("three word noun", None), ("<b>", None), ("", None),
+])
+def test_class_nouns_are_english(text: str, noun: str | None) -> None:
+    assert to_english(text) == noun
+
+
+def test_noun_buttons_speak_the_users_language_and_carry_english() -> None:
+    for lang in ("en", "ru"):
+        buttons = [b for row in noun_keyboard(lang).inline_keyboard for b in row]
+        assert len(buttons) == len(SUBJECTS) >= 8
+        for button, noun in zip(buttons, SUBJECTS, strict=True):
+            assert button.callback_data == f"noun:{noun}" and noun.isascii()
+            assert len(button.callback_data.encode()) <= 64
+            assert to_english(button.text) == noun  # typing a label gives what pressing it does
+    assert [b.text for b in noun_keyboard("ru").inline_keyboard[0]][:2] == ["кот", "собака"]
 
 
 def make_job(progress: float, message: str) -> Job:

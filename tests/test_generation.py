@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pictures import assert_different_pictures, assert_same_picture
 from PIL import Image
 
 from pipeline.errors import ConfigError, StyleError
@@ -173,8 +174,9 @@ def test_seeds_are_reproducible_and_variants_differ(diffusion, styles, photo) ->
     one = run(gen, photo, styles["a"], seeds=(7,))[0]
     assert np.array_equal(run(gen, photo, styles["a"], seeds=(7,))[0], one)
     batch = run(gen, photo, styles["a"], seeds=(7, 8))
-    assert np.array_equal(batch[0], one)  # a variant does not depend on its batch
-    assert not np.array_equal(batch[0], batch[1])
+    # A variant does not depend on its batch, up to the last bits that batched kernels change.
+    assert_same_picture(batch[0], one)
+    assert_different_pictures(batch[0], batch[1])
     gen.unload_all()
 
 

@@ -326,3 +326,162 @@ def test_worker_command_rejects_bad_kinds_and_faults(tiny_env: dict[str, str]) -
                             text=True, timeout=60)
     assert celery.returncode == 2 and "celery -A pipeline.celery_app worker" in celery.stderr
     assert os.environ.get("STICKERBOT_FAULT_INJECT") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["prctl", "watching", "watching, stop hangs"])
+def test_a_worker_ends_with_its_supervisor(how: str, tmp_path: Path) -> None:
+    """The supervisor is SIGKILLed; the worker it started in a session of its own gets SIGTERM:
+    from the kernel (prctl) or, where there is none, from the watching thread, which also ends
+    a worker whose graceful stop hangs after the grace period."""
+    hangs = how.endswith("hangs")
+    child = (
+        "import os, signal, sys, time\n"
+        "import pipeline.supervision as s\n"
+        + ("" if how == "prctl" else "s.set_parent_death_signal = lambda sig: False\n")
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if hangs else "")
+        + f"s.follow_supervisor(os.getppid(), grace={1.0 if hangs else 30.0}, poll=0.05)\n"
+        "print('following', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    # the supervisor: starts the child in a session of its own, writes its pid, waits to be killed
+    supervisor = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True,\n"
+        "                      stdout=subprocess.PIPE)\n"
+        "p.stdout.readline()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", supervisor], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while os.path.exists(f"/proc/{pid}") and "Z" not in _proc_state(pid):
+            assert time.monotonic() - killed < 10, "the child outlived its supervisor"
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        # SIGTERM at once (long before the 30-s grace); a hanging stop cut after its 1-s grace
+        assert took >= (1.0 if hangs else 0.0), took
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+# --- models that fail to load -------------------------------------------------------------------
+
+
+def test_backoff_grows_to_its_cap_and_a_crash_series_restarts() -> None:
+    from pipeline.commands.run import WORKER_RESTART_MAX_DELAY, restart_delay
+    from pipeline.worker_health import backoff_delay
+
+    assert [backoff_delay(n, initial=5, cap=60) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+    assert backoff_delay(10_000, initial=5, cap=60) == 60  # no overflow after days of failures
+    assert restart_delay(1) == 5.0 and restart_delay(2) == 10.0
+    assert restart_delay(50) == WORKER_RESTART_MAX_DELAY
+
+
+def test_loading_retries_until_it_works_and_the_health_file_follows(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from pipeline.errors import ModelNotFoundError
+    from pipeline.worker_health import load_with_backoff, read_health
+
+    tries: list[float] = []
+    seen: list[str] = []
+
+    def load() -> str:
+        tries.append(time.monotonic())
+        seen.extend(h.state for h in read_health(tmp_path))
+        if len(tries) < 3:
+            raise ModelNotFoundError(f"no weights yet (try {len(tries)})")
+        return "models"
+
+    assert load_with_backoff(load, data_dir=tmp_path, device="cpu", initial=0.05, cap=0.08,
+                             stop=threading.Event()) == "models"
+    assert seen == ["loading", "loading", "loading"]  # the failure is replaced by the next try
+    assert tries[1] - tries[0] >= 0.05 and tries[2] - tries[1] >= 0.08  # grown, capped
+    [health] = read_health(tmp_path)
+    assert health.state == "ready" and not health.failed
+    messages = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+    assert messages == ["models failed to load (attempt 1): no weights yet (try 1); trying again in 0.1 s",
+                        "models failed to load (attempt 2): no weights yet (try 2); trying again in 0.1 s"]
+    # A stop between attempts ends the wait at once.
+    stop = threading.Event()
+    stop.set()
+
+    def broken() -> str:
+        raise OSError("disk full")
+
+    started = time.monotonic()
+    assert load_with_backoff(broken, data_dir=tmp_path, device="cpu", initial=60, cap=60, stop=stop) is None
+    assert time.monotonic() - started < 5
+    [health] = read_health(tmp_path)
+    assert health.failed and health.reason == "OSError: disk full" and health.retry_in == 60
+
+
+async def test_a_worker_whose_models_fail_to_load_backs_off_and_says_why(
+        tiny_settings: Settings, tiny_env: dict[str, str], tmp_path: Path) -> None:
+    """The worker stays up, retrying with a growing delay; doctor and an admin's /stats show
+    "models failed to load: <reason>"; SIGTERM ends it at once between attempts."""
+    from bot_harness import bot_settings, running_bot
+    from conftest import TEST_TOKEN
+    from fake_bot_api import FakeBotAPI, user
+
+    from pipeline.settings import load_settings
+
+    missing = tmp_path / "no-such-model"
+    env = dict(tiny_env, STICKERBOT_DIFFUSION_MODEL=str(missing), STICKERBOT_MODEL_LOAD_RETRY_SECONDS="0.3",
+               STICKERBOT_MODEL_LOAD_RETRY_MAX_SECONDS="1")
+    log = tmp_path / "w.log"
+    pattern = re.compile(r"models failed to load \(attempt (\d+)\): (.*); trying again in ([\d.]+) s")
+    with worker_process(env, log, kinds="train,sticker") as proc:
+        async def four_attempts() -> bool:
+            assert proc.poll() is None, log_tail(log)  # it did not exit to be restarted
+            return len(pattern.findall(log.read_text())) >= 4
+
+        await until(four_attempts, within=120, what="four attempts", log=log)
+        attempts = pattern.findall(log.read_text())
+        assert [(n, d) for n, _, d in attempts[:4]] == [("1", "0.3"), ("2", "0.6"), ("3", "1.0"),
+                                                         ("4", "1.0")]
+        assert all(str(missing) in reason for _, reason, _ in attempts)
+        first, later = log.read_text().split("(attempt 2)", 1)
+        assert "Traceback" in first and "Traceback" not in later  # with the first attempt only
+
+        doctor = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pipeline.cli", "doctor", "--skip-models"], env=env,
+            capture_output=True, text=True, timeout=120)
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert "models failed to load: " in doctor.stdout and str(missing) in doctor.stdout
+
+        fake = FakeBotAPI(TEST_TOKEN)
+        await fake.start()
+        try:
+            settings = bot_settings(load_settings(data_dir=tiny_settings.data_dir, admin_ids="1"), fake,
+                                    TEST_TOKEN)
+            async with running_bot(settings):
+                fake.send_text(user(1), "/stats")
+                stats = await fake.wait_text(1, "Queue depth")
+            assert "⚠️ models failed to load: " in stats.text and str(missing) in stats.text, stats.text
+        finally:
+            await fake.close()
+        started = time.monotonic()
+        assert stop(proc, timeout=10) == 0
+        assert time.monotonic() - started < 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiogram import Router
@@ -10,24 +11,23 @@ from aiogram.types import Message
 
 from bot.context import BotContext
 from bot.texts import t
-
-
-def ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{int(seconds)} s"
-    if seconds < 7200:
-        return f"{int(seconds // 60)} min"
-    return f"{seconds / 3600:.1f} h"
+from pipeline.worker_health import describe_failure, format_duration, read_health
 
 
 async def worker_health(ctx: BotContext, now: float) -> str:
-    """From the jobs table: live leases mean a working worker; expired ones a dead one."""
+    """From the jobs table: live leases mean a working worker; expired ones a dead one. Above
+    it, every worker whose models failed to load (from the workers' health files)."""
+    failures = [f"⚠️ {describe_failure(h, now)}"
+                for h in await asyncio.to_thread(read_health, ctx.settings.data_dir) if h.failed]
     live, stale, last = await ctx.repo.job_leases(now)
     if stale:
-        return t("en", "worker_stale", n=stale)
-    if live:
-        return t("en", "worker_busy", n=live)
-    return t("en", "worker_never") if last is None else t("en", "worker_idle", ago=ago(now - last))
+        jobs = t("en", "worker_stale", n=stale)
+    elif live:
+        jobs = t("en", "worker_busy", n=live)
+    else:
+        jobs = (t("en", "worker_never") if last is None
+                else t("en", "worker_idle", ago=format_duration(now - last)))
+    return "\n".join([*failures, jobs])
 
 
 async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -> None:

@@ -3,7 +3,6 @@ ETA in the message the notifier then keeps updated."""
 
 from __future__ import annotations
 
-import re
 import secrets
 
 from aiogram import Bot, F, Router
@@ -13,20 +12,15 @@ from aiogram.types import CallbackQuery, Message
 
 from bot.context import BotContext
 from bot.drafts import MIN_IMAGES, current_draft
-from bot.keyboards import NOUN_SUGGESTIONS, noun_keyboard
+from bot.keyboards import noun_keyboard
+from bot.nouns import SUBJECTS, to_english
 from bot.routers.stickers import eta_text
 from bot.states import Train
 from bot.texts import t
 from pipeline.errors import QueueUnavailableError, QuotaExceededError
 from pipeline.queue.base import JobKind, QueuePosition
 
-_NOUN = re.compile(r"^[^\W\d_]{2,20}(?: [^\W\d_]{2,20})?$")
-
-
-def clean_noun(text: str) -> str | None:
-    """One or two plain words, lower case; None for anything else."""
-    noun = " ".join(text.strip().lower().split())
-    return noun if _NOUN.match(noun) else None
+MAX_ECHO = 40  # characters of a not-understood word quoted back
 
 
 async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, state: FSMContext,
@@ -41,10 +35,10 @@ async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, sta
         await bot.send_message(user_id, t(lang, "train_too_few", name=draft.name, count=len(images),
                                           min=MIN_IMAGES))
         return
-    # 2. the class noun: asked for (with suggestions) when not given
+    # 2. the class noun, in English (see bot/nouns.py): asked for with buttons when not given
     if noun is None:
         await state.set_state(Train.noun)
-        await bot.send_message(user_id, t(lang, "train_ask_noun"), reply_markup=noun_keyboard())
+        await bot.send_message(user_id, t(lang, "train_ask_noun"), reply_markup=noun_keyboard(lang))
         return
     # 3. submit; the message goes first so the notifier always has it to edit
     queued = t(lang, "train_queued", name=draft.name, noun=noun, count=len(images), position=1, eta="")
@@ -71,13 +65,21 @@ async def start_training(bot: Bot, ctx: BotContext, lang: str, user_id: int, sta
     await ctx.notifier.refresh_positions(job.id)
 
 
+async def ask_again(message: Message, lang: str, state: FSMContext, typed: str) -> None:
+    """A noun that was not understood: say so and offer the buttons."""
+    word = " ".join(typed.split())
+    word = word if len(word) <= MAX_ECHO else word[: MAX_ECHO - 1] + "…"
+    await state.set_state(Train.noun)
+    await message.answer(t(lang, "train_unknown_noun", word=word), reply_markup=noun_keyboard(lang))
+
+
 async def on_train(message: Message, command: CommandObject, bot: Bot, ctx: BotContext, lang: str,
                    user_id: int, state: FSMContext) -> None:
     noun = None
     if command.args:
-        noun = clean_noun(command.args)
+        noun = to_english(command.args)
         if noun is None:
-            await message.answer(t(lang, "train_bad_noun"))
+            await ask_again(message, lang, state, command.args)
             return
     await start_training(bot, ctx, lang, user_id, state, noun)
 
@@ -91,7 +93,7 @@ async def on_train_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang:
 async def on_noun_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: str,
                          user_id: int, state: FSMContext) -> None:
     noun = (query.data or "").partition(":")[2]
-    if noun not in NOUN_SUGGESTIONS:
+    if noun not in SUBJECTS:  # callback data can be forged: only the offered nouns
         await query.answer(t(lang, "forged"), show_alert=True)
         return
     await query.answer()
@@ -100,9 +102,9 @@ async def on_noun_button(query: CallbackQuery, bot: Bot, ctx: BotContext, lang: 
 
 async def on_noun_text(message: Message, bot: Bot, ctx: BotContext, lang: str, user_id: int,
                        state: FSMContext) -> None:
-    noun = clean_noun(message.text or "")
+    noun = to_english(message.text or "")
     if noun is None:
-        await message.answer(t(lang, "train_bad_noun"))
+        await ask_again(message, lang, state, message.text or "")
         return
     await start_training(bot, ctx, lang, user_id, state, noun)
 

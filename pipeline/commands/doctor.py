@@ -69,6 +69,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except Exception as exc:
         line("database", f"{settings.db_path}: {exc}", ok=False)
 
+    # What the workers wrote about themselves: models that failed to load, and why.
+    import time
+
+    from pipeline.worker_health import describe_failure, read_health
+
+    for health in read_health(settings.data_dir):
+        if health.failed:
+            line("worker", describe_failure(health, time.time()), ok=False)
+        else:
+            line("worker", f"{health.name}: {health.state}")
+
     if settings.queue_backend == "celery":
         from pipeline.celery_app import check_broker
 

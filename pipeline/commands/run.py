@@ -1,6 +1,8 @@
 """``stickerbot run``: everything on one machine. Migrates the database, checks the token, starts
 one ``stickerbot worker`` subprocess and the bot; SIGINT/SIGTERM stop both. A worker that dies is
-started again (after a pause), so a crash in model code never takes the bot down."""
+started again (after a pause that grows while it keeps crashing), so a crash in model code never
+takes the bot down. A worker whose models do not load does not exit: it retries by itself
+(pipeline/worker_health.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 from pipeline.settings import Settings
@@ -19,7 +23,9 @@ from pipeline.settings import Settings
 HELP = "migrate the database, then run the bot and one worker together (Ctrl+C stops both)"
 log = logging.getLogger("stickerbot.run")
 
-WORKER_RESTART_DELAY = 5.0
+WORKER_RESTART_DELAY = 5.0  # after a crash; doubled for each crash in a row ...
+WORKER_RESTART_MAX_DELAY = 300.0  # ... up to this
+WORKER_HEALTHY_AFTER = 120.0  # a worker that ran this long before exiting starts a new series
 WORKER_STOP_TIMEOUT = 60.0  # a training step is allowed to finish and save
 WORKER_NICENESS = 10  # the bot answers users first; the worker takes the rest of the CPU
 
@@ -30,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_command(settings: Settings) -> list[str]:
+    # --supervisor-pid: the worker ends with us, even when we are SIGKILLed (pipeline/supervision.py)
     return [sys.executable, "-m", "pipeline.cli", "worker", "--preset", settings.preset,
-            "--data-dir", str(settings.data_dir)]
+            "--data-dir", str(settings.data_dir), "--supervisor-pid", str(os.getpid())]
 
 
 def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
@@ -41,7 +48,10 @@ def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
     On a shared CPU (no GPU, or a small box) model code would otherwise take every core and the
     bot would answer late; niced, the worker gets what the bot leaves. It inherits the
     environment (the operator's variables), in its own session, so a Ctrl+C in the terminal
-    reaches it only through us."""
+    reaches it only through us. It ends when we end (a parent-death signal fires when the
+    *thread* that started the worker exits): call this from the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start workers from the main thread: they end when their starting thread does")
     proc = subprocess.Popen(worker_command(settings), env=dict(os.environ if env is None else env),
                             start_new_session=True, **popen)
     # Linux niceness is per thread and inherited by threads created later: set it right away,
@@ -49,6 +59,13 @@ def start_worker(settings: Settings, *, env: dict[str, str] | None = None,
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICENESS)
     return proc
+
+
+def restart_delay(crashes_in_a_row: int) -> float:
+    """Seconds before starting a worker again after its ``crashes_in_a_row``-th quick exit."""
+    from pipeline.worker_health import backoff_delay
+
+    return backoff_delay(crashes_in_a_row, initial=WORKER_RESTART_DELAY, cap=WORKER_RESTART_MAX_DELAY)
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -80,15 +97,20 @@ async def supervise(settings: Settings, with_worker: bool) -> None:
 
     async def watch_worker() -> None:
         nonlocal worker
+        crashes = 0
         while not stopping.is_set() and worker is not None:
+            started = time.monotonic()
             code = await asyncio.to_thread(worker.wait)
             if stopping.is_set():
                 return
-            log.error("the worker exited with code %s; starting it again in %.0f s", code,
-                      WORKER_RESTART_DELAY)
-            await asyncio.sleep(WORKER_RESTART_DELAY)
+            lived = time.monotonic() - started
+            crashes = 1 if lived >= WORKER_HEALTHY_AFTER else crashes + 1
+            delay = restart_delay(crashes)
+            log.error("the worker exited with code %s after %.0f s (crash %d in a row); starting it "
+                      "again in %.0f s", code, lived, crashes, delay)
+            await asyncio.sleep(delay)
             if not stopping.is_set():
-                worker = start_worker(settings)
+                worker = start_worker(settings)  # on the loop's thread, the main one
 
     watcher = asyncio.create_task(watch_worker())
     try:

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job kinds to run, comma-separated: sticker, train, noop "
                              "(default: sticker,train; noop alone loads no model)")
     parser.add_argument("--worker-id", default=None, help="name in job records (default: host:pid:random)")
+    parser.add_argument("--supervisor-pid", type=int, default=None,
+                        help="stop when this process (the parent, e.g. `stickerbot run`) ends")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,6 +40,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--kinds: {exc}; choose from sticker, train, noop") from None
     if not kinds:
         raise ConfigError("--kinds names no job kind; choose from sticker, train, noop")
+    if args.supervisor_pid is not None:
+        from pipeline.commands.run import WORKER_STOP_TIMEOUT
+        from pipeline.supervision import follow_supervisor
+
+        follow_supervisor(args.supervisor_pid, grace=WORKER_STOP_TIMEOUT)
     fault = os.environ.get(FAULT_INJECT_ENV) or None
     try:
         parse_faults(fault)

@@ -342,8 +342,10 @@ class StickerGenerator:
                  params: GenerationParams = GenerationParams()) -> list[Image.Image]:
         """One RGB image per seed, at ``image``'s size (see :func:`fit_to_model`).
 
-        ``style=None`` is the base model. Each seed gives the same image whatever else is
-        generated in the batch and whatever ran before.
+        ``style=None`` is the base model. The same call on the same machine gives the same
+        pixels whatever ran before. Each seed gives the same picture whatever else is generated
+        in the batch, up to floating-point rounding: a batch runs other kernels than one image,
+        so a few pixels may move by a few levels (and the encoded bytes differ).
         """
         import torch
 
