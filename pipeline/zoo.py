@@ -135,7 +135,7 @@ def build_diffusion_pipeline(arch: Architecture, *, safety_checker: Any = None,
 
 def save_diffusion(arch: Architecture, out: Path) -> None:
     pipe = build_diffusion_pipeline(arch)
-    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # from DiffusionPipeline
+    pipe.save_pretrained(out)
 
 
 def save_blip(arch: Architecture, out: Path) -> None:

@@ -1,0 +1,284 @@
+"""The default ``sd15`` preset, offline, against a hub cache of tiny models under the real ids and
+layouts (tests/hub_mirror.py): what an operator's first start does, except the download.
+
+In-process tests pass the cache as ``model_cache_dir``; subprocess tests point ``HF_HUB_CACHE`` at
+it, as an operator's environment does after the first download.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import ModelNotFoundError, UntrainedSegmenterError
+from pipeline.models import load_models, segmenter_head_problem
+from pipeline.settings import Settings
+from tests.hub_mirror import LCM_LORA, SD15, SEGFORMER, blob_of, copy_hub, snapshot_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (300, 220)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = np.full((size[1], size[0], 3), rng.integers(0, 255, 3), dtype=np.uint8)
+    arr[size[1] // 4: 3 * size[1] // 4, size[0] // 4: 3 * size[0] // 4] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def cli(args: list[str], env: dict[str, str], *, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=dict(env, PYTHONPATH=str(ROOT)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sd15_models(hub_cache: Path, tmp_path_factory: pytest.TempPathFactory):  # -> Models
+    """The sd15 preset's models as the worker loads them (shared: tests must not change them)."""
+    from pipeline.settings import load_settings
+
+    settings = load_settings(preset="sd15", data_dir=tmp_path_factory.mktemp("sd15"),
+                             model_cache_dir=hub_cache, device="cpu")
+    return load_models(settings)
+
+
+def alpha_of(webp: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(webp)).convert("RGBA"))[..., 3]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_models_load_on_the_real_path(sd15_models: Any) -> None:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPTokenizer
+
+    d = sd15_models.diffusion
+    assert d.source == SD15 and d.resolution == 512 and d.dtype == torch.float32
+    assert isinstance(d.tokenizer, CLIPTokenizer) and d.tokenizer.model_max_length == 77
+    assert (d.tokenizer.bos_token, d.tokenizer.pad_token) == ("<|startoftext|>", "<|endoftext|>")
+    assert d.scheduler_config["steps_offset"] == 1 and d.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert d.vae_scale_factor == 8
+    assert isinstance(sd15_models.safety.model, StableDiffusionSafetyChecker)  # on by default
+    assert sd15_models.captioner.processor.image_processor.size == {"height": 384, "width": 384}
+    # mit-b0 loads, and is known to be unusable for cut-outs
+    assert sd15_models.segmenter.source == SEGFORMER
+    assert "SegformerForImageClassification" in (sd15_models.segmenter.head_problem or "")
+
+
+def test_fp16_loads_the_fp16_variant_files(hub_cache: Path, tmp_path: Path) -> None:
+    """dtype float16 reads the *.fp16.safetensors files (half the download); float32 the others."""
+    from pipeline.models import load_diffusion, resolve_sources
+    from pipeline.settings import load_settings
+
+    sources = resolve_sources(load_settings(preset="sd15", data_dir=tmp_path, model_cache_dir=hub_cache))
+    half = load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float16)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    # The fp16 file is the one read: damage the fp32 one and fp16 still loads.
+    hub = copy_hub(hub_cache, tmp_path / "hub")
+    blob_of(hub, SD15, "unet/diffusion_pytorch_model.safetensors").write_bytes(b"")
+    sources = resolve_sources(load_settings(preset="sd15", data_dir=tmp_path, model_cache_dir=hub))
+    load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float16)
+    with pytest.raises(ModelNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
+        load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_segmenter_head_problem_cases() -> None:
+    from transformers import SegformerConfig
+
+    classification = SegformerConfig(num_labels=1000, architectures=["SegformerForImageClassification"])
+    assert "no trained segmentation head" in segmenter_head_problem(classification, source="x") or ""
+    one = SegformerConfig(num_labels=1, architectures=["SegformerForSemanticSegmentation"])
+    assert segmenter_head_problem(one) is None
+    missing = segmenter_head_problem(one, missing_keys=["decode_head.classifier.weight"])
+    assert missing is not None and "decode-head" in missing and "segmenter train" in missing
+    ade = SegformerConfig(id2label={0: "wall", 1: "person", 2: "sky"},
+                          label2id={"wall": 0, "person": 1, "sky": 2},
+                          architectures=["SegformerForSemanticSegmentation"])
+    assert "none is a background class" in (segmenter_head_problem(ade) or "")
+    with_bg = SegformerConfig(id2label={0: "background", 1: "sticker"},
+                              label2id={"background": 0, "sticker": 1})
+    assert segmenter_head_problem(with_bg) is None
+
+
+# --- stickers ------------------------------------------------------------------------------------
+
+
+def test_default_preset_never_returns_an_opaque_rectangle(sd15_models: Any, tmp_path: Path) -> None:
+    """mit-b0 has no foreground head: P(foreground) ~ 0.999 everywhere, the matte is solid, and the
+    old pipeline returned the whole image as an opaque rectangle. It must refuse instead."""
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.stickers.sticker_pipeline import StickerModels, StickerOptions, make_sticker
+
+    write_random_style(sd15_models.diffusion, tmp_path / "style", rank=4)
+    models = StickerModels.create(sd15_models)
+    try:
+        result = make_sticker(models, tmp_path / "style", photo(), StickerOptions(steps=2, strength=0.5,
+                                                                                  variants=2))
+    except UntrainedSegmenterError as exc:
+        assert "segmenter train" in str(exc) and SEGFORMER in str(exc)
+        return
+    for webp in result.webp:  # whatever comes back must have a transparent background
+        assert (alpha_of(webp) < 255).mean() > 0.2, "an opaque rectangle came back as a sticker"
+
+
+@pytest.fixture
+def trained_segmenter_models(sd15_models: Any, tiny_zoo: Path):  # -> Models
+    """The sd15 models with a segmenter that has a foreground head (the tiny zoo's)."""
+    import dataclasses
+
+    from pipeline.models import load_segmenter
+
+    return dataclasses.replace(sd15_models, segmenter=load_segmenter(tiny_zoo / "segformer",
+                                                                     device=torch.device("cpu")))
+
+
+def test_sd15_sticker_with_a_trained_segmenter(trained_segmenter_models: Any, tmp_path: Path) -> None:
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.stickers.postprocess import check_sticker
+    from pipeline.stickers.sticker_pipeline import STAGES, StickerModels, StickerOptions, make_sticker
+
+    write_random_style(trained_segmenter_models.diffusion, tmp_path / "style", rank=4)
+    models = StickerModels.create(trained_segmenter_models)
+    result = make_sticker(models, tmp_path / "style", photo(1), StickerOptions(steps=2, strength=0.5))
+    assert len(result.webp) == 1 and result.withheld == 0
+    assert max(check_sticker(result.webp[0])) == 512
+    assert set(STAGES) <= set(result.timings)
+
+
+def test_a_flagged_sticker_is_withheld(trained_segmenter_models: Any, tmp_path: Path) -> None:
+    """A tiny StableDiffusionSafetyChecker built from a CLIPConfig that flags everything: no
+    sticker is encoded or stored, and the job's result says how many were withheld."""
+    import dataclasses
+
+    from pipeline.jobs import Resident, run_sticker
+    from pipeline.models import SafetyChecker
+    from pipeline.queue.base import Job, JobKind, JobState
+    from pipeline.settings import load_settings
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.stickers.safety import flag_unsafe
+    from pipeline.stickers.sticker_pipeline import StickerModels
+    from pipeline.storage.files import DataDir
+    from pipeline.zoo import build_safety_checker
+    from tests.hub_mirror import SAFETY_VISION
+
+    safety = trained_segmenter_models.safety
+    images = [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (64, 48), (0, 0, 0))]
+    assert flag_unsafe(safety, images) == [False, False]  # the mirror's checker never flags
+    flagging = SafetyChecker(model=build_safety_checker(SAFETY_VISION, flags=True),
+                             feature_extractor=safety.feature_extractor, source="test")
+    assert flag_unsafe(flagging, images) == [True, True]
+
+    models = dataclasses.replace(trained_segmenter_models, safety=flagging)
+    data = DataDir(tmp_path / "data")
+    write_random_style(models.diffusion, data.root / "styles" / "s1", rank=4)
+    (data.root / "photos").mkdir(parents=True)
+    (data.root / "photos" / "p.png").write_bytes(photo(2))
+    settings = load_settings(preset="sd15", data_dir=data.root, device="cpu")
+    resident = Resident(settings=settings, data=data, models=models, stickers=StickerModels.create(models))
+    job = Job(id="j1", kind=JobKind.STICKER, state=JobState.RUNNING, user_id=1, priority=0,
+              payload={"style_id": "s1", "style_dir": "styles/s1", "photo": "photos/p.png", "variants": 2},
+              attempts=1, max_attempts=3, worker_id="w", lease_expires_at=None, cancel_requested=False,
+              progress=0.0, progress_message="", result=None, error=None, created_at=0.0, started_at=0.0,
+              finished_at=None, updated_at=0.0)
+    result = run_sticker(job, resident, should_stop=lambda: None, progress=lambda f, m: None)
+    assert result["stickers"] == [] and result["withheld"] == 2
+    assert not (data.root / "results" / "j1").exists()
+
+
+def test_bot_texts_explain_a_withheld_sticker() -> None:
+    from bot.texts import t
+
+    for lang in ("en", "ru"):
+        text = t(lang, "sticker_withheld", count=2)
+        assert "2" in text and "{" not in text
+    assert "safety filter" in t("en", "sticker_withheld", count=1)
+
+
+# --- bad caches: one line naming the model, the file and the fix --------------------------------
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_class"])
+def test_a_damaged_cache_names_model_file_and_fix(hub_cache: Path, tmp_path: Path, damage: str,
+                                                  sd15_settings: Settings) -> None:
+    hub = copy_hub(hub_cache, tmp_path / "hub")
+    snap = snapshot_dir(hub, SD15)
+    if damage == "missing":
+        (snap / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        file = "diffusion_pytorch_model.safetensors"
+    elif damage == "truncated":
+        blob = blob_of(hub, SD15, "text_encoder/model.safetensors")
+        blob.write_bytes(blob.read_bytes()[:-1000])
+        file = "text_encoder/model.safetensors"
+    else:
+        vae_config = snap / "vae" / "config.json"
+        vae_config.unlink()
+        vae_config.write_text((snap / "unet" / "config.json").read_text())
+        file = "vae/config.json"
+    settings = sd15_settings.model_copy(update={"model_cache_dir": hub})
+    with pytest.raises(ModelNotFoundError) as err:
+        load_models(settings)
+    message = str(err.value)
+    assert "\n" not in message and SD15 in message and file in message and "fix:" in message
+
+
+# --- the commands, as processes ------------------------------------------------------------------
+
+
+def test_doctor_names_the_untrained_segmenter(sd15_env: dict[str, str]) -> None:
+    out = cli(["doctor"], sd15_env, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    bad = [line for line in out.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and "segmenter" in bad[0] and SEGFORMER in bad[0]
+    assert "stickerbot segmenter train" in bad[0] and "STICKERBOT_SEGMENTER_MODEL" in bad[0]
+    for role in ("diffusion", "captioner", "clip", "dino"):
+        assert any(line.startswith("ok") and f"model:{role}" in line for line in out.stdout.splitlines())
+
+
+def test_worker_refuses_to_start_on_a_truncated_file(hub_cache: Path, tmp_path: Path,
+                                                     sd15_env: dict[str, str]) -> None:
+    hub = copy_hub(hub_cache, tmp_path / "hub")
+    blob = blob_of(hub, SD15, "unet/diffusion_pytorch_model.safetensors")
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    out = cli(["worker"], dict(sd15_env, HF_HUB_CACHE=str(hub)), timeout=120)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("stickerbot worker: error:")]
+    assert len(errors) == 1, out.stderr
+    assert SD15 in errors[0] and "unet" in errors[0] and "truncated" in errors[0] and "fix:" in errors[0]
+
+
+@pytest.mark.slow
+def test_cli_train_sticker_evaluate_on_sd15(sd15_env: dict[str, str], tiny_zoo: Path, tmp_path: Path) -> None:
+    """train (2 steps, class noun from BLIP captions), sticker (refused with mit-b0; made with a
+    trained segmenter, in the LCM fast mode too), evaluate: every command an operator runs."""
+    from pipeline.stickers.postprocess import check_sticker
+    from segmentation.synthetic import write_stickers
+
+    stickers = tmp_path / "stickers"
+    write_stickers(stickers, 3, size=96)
+    style = tmp_path / "style"
+    out = cli(["train", str(stickers), "--out", str(style), "--steps", "2", "--no-prior", "--rank", "4",
+               "--no-progress"], sd15_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "class noun:" in out.stderr and (style / "style.json").is_file()
+    (tmp_path / "photo.png").write_bytes(photo(3))
+    refused = cli(["sticker", str(tmp_path / "photo.png"), "--style", str(style), "--steps", "2"], sd15_env)
+    assert refused.returncode == 2 and "segmenter train" in refused.stderr
+    env = dict(sd15_env, STICKERBOT_SEGMENTER_MODEL=str(tiny_zoo / "segformer"), STICKERBOT_LCM_LORA=LCM_LORA)
+    made = cli(["sticker", str(tmp_path / "photo.png"), "--style", str(style), "--fast", "--strength", "0.5",
+                "-o", str(tmp_path / "s.webp")], env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert max(check_sticker((tmp_path / "s.webp").read_bytes())) == 512
+    scored = cli(["evaluate", "--style", str(style), "--references", str(stickers), "--max-prompts", "1",
+                  "--images-per-prompt", "1", "--steps", "2", "--resolution", "64",
+                  "--out", str(tmp_path / "eval")], sd15_env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
