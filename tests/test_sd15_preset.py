@@ -282,3 +282,103 @@ def test_cli_train_sticker_evaluate_on_sd15(sd15_env: dict[str, str], tiny_zoo: 
                   "--out", str(tmp_path / "eval")], sd15_env)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+async def test_worker_process_refuses_stickers_with_the_untrained_segmenter(
+        sd15_settings: Settings, sd15_env: dict[str, str], sd15_models: Any, tmp_path: Path) -> None:
+    """The worker starts on sd15 (models from the cache), says at start that stickers cannot be
+    made, and fails a sticker job with the fix instead of sending an opaque rectangle."""
+    from test_worker import state_of, stop, until, worker_process
+
+    from pipeline.queue.base import JobKind, JobState
+    from pipeline.queue.sqlite import SqliteJobQueue
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.storage.files import DataDir
+
+    data = DataDir(sd15_settings.data_dir)
+    write_random_style(sd15_models.diffusion, data.root / "styles" / "s1", rank=4)
+    (data.root / "uploads").mkdir(parents=True, exist_ok=True)
+    (data.root / "uploads" / "p.png").write_bytes(photo(4))
+    queue = await SqliteJobQueue.open(sd15_settings.db_path, max_queued_per_user=10, stickers_per_day=10)
+    log = tmp_path / "worker.log"
+    try:
+        with worker_process(sd15_env, log, kinds="sticker") as proc:
+            job = await queue.submit(JobKind.STICKER, 1, {"style_id": "s1", "style_dir": "styles/s1",
+                                                          "photo": "uploads/p.png", "seed": 0, "variants": 1})
+
+            async def finished() -> bool:
+                return (await state_of(queue, job.id)).state.finished
+
+            await until(finished, within=180, what="the sticker job", log=log)
+            assert stop(proc) == 0
+        done = await state_of(queue, job.id)
+        assert done.state == JobState.FAILED and "segmenter train" in (done.error or "")
+        assert done.attempts == 1  # not retried: retrying cannot help
+        text = log.read_text()
+        assert "sticker jobs will fail until the segmenter is fixed" in text
+        assert "LOAD REPORT" not in text and "Could not reach the Hub" not in text
+        assert not (data.root / "results" / job.id).exists()
+    finally:
+        await queue.close()
+
+
+@pytest.mark.slow
+async def test_run_starts_bot_and_worker_on_sd15(sd15_env: dict[str, str], tmp_path: Path) -> None:
+    """`stickerbot run` on the default preset: migrates, starts the worker (which loads every
+    model from the cache) and the bot, answers /start, stops cleanly on SIGTERM."""
+    import asyncio
+    import signal
+    import time
+
+    from bot_harness import bot_env, start_process
+    from conftest import TEST_TOKEN
+    from fake_bot_api import FakeBotAPI, user
+
+    fake = FakeBotAPI(TEST_TOKEN)
+    await fake.start()
+    log = tmp_path / "run.log"
+    proc = start_process("run", bot_env(sd15_env, fake, TEST_TOKEN), log)
+    try:
+        fake.send_text(user(7), "/start")
+        await fake.wait_text(7, "I learn the style", timeout=120)
+        deadline = time.monotonic() + 180
+        while "ready: sticker,train" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            await asyncio.sleep(0.5)
+        text = log.read_text()
+        assert "ready: sticker,train" in text, text[-3000:]
+        assert "models loaded" in text and "preset sd15" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await fake.close()
+
+
+@pytest.mark.gpu
+def test_sd15_on_cuda_runs_in_fp16_from_the_fp16_files(hub_cache: Path, tiny_zoo: Path, tmp_path: Path) -> None:
+    """On a GPU, dtype auto is fp16: the *.fp16.safetensors variants load, the safety checker and
+    the captioner run in fp16, the segmenter in fp32, and a sticker comes out."""
+    import dataclasses
+
+    from pipeline.models import load_segmenter
+    from pipeline.settings import load_settings
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.stickers.postprocess import check_sticker
+    from pipeline.stickers.sticker_pipeline import StickerModels, StickerOptions, make_sticker
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    models = load_models(load_settings(preset="sd15", data_dir=tmp_path, model_cache_dir=hub_cache))
+    assert models.dtype == torch.float16 and next(models.diffusion.unet.parameters()).dtype == torch.float16
+    assert next(models.safety.model.parameters()).dtype == torch.float16
+    models = dataclasses.replace(models, segmenter=load_segmenter(tiny_zoo / "segformer", device=models.device))
+    write_random_style(models.diffusion, tmp_path / "style", rank=4)
+    result = make_sticker(StickerModels.create(models), tmp_path / "style", photo(5),
+                          StickerOptions(steps=4, strength=0.5, variants=2))
+    assert len(result.webp) + result.withheld == 2
+    for webp in result.webp:
+        assert max(check_sticker(webp)) == 512
