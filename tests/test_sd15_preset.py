@@ -359,7 +359,8 @@ async def test_run_starts_bot_and_worker_on_sd15(sd15_env: dict[str, str], tmp_p
 
 
 @pytest.mark.gpu
-def test_sd15_on_cuda_runs_in_fp16_from_the_fp16_files(hub_cache: Path, tiny_zoo: Path, tmp_path: Path) -> None:
+def test_sd15_on_cuda_runs_in_fp16_from_the_fp16_files(hub_cache: Path, tiny_zoo: Path,
+                                                        tmp_path: Path) -> None:
     """On a GPU, dtype auto is fp16: the *.fp16.safetensors variants load, the safety checker and
     the captioner run in fp16, the segmenter in fp32, and a sticker comes out."""
     import dataclasses
@@ -375,7 +376,8 @@ def test_sd15_on_cuda_runs_in_fp16_from_the_fp16_files(hub_cache: Path, tiny_zoo
     models = load_models(load_settings(preset="sd15", data_dir=tmp_path, model_cache_dir=hub_cache))
     assert models.dtype == torch.float16 and next(models.diffusion.unet.parameters()).dtype == torch.float16
     assert next(models.safety.model.parameters()).dtype == torch.float16
-    models = dataclasses.replace(models, segmenter=load_segmenter(tiny_zoo / "segformer", device=models.device))
+    segmenter = load_segmenter(tiny_zoo / "segformer", device=models.device)
+    models = dataclasses.replace(models, segmenter=segmenter)
     write_random_style(models.diffusion, tmp_path / "style", rank=4)
     result = make_sticker(StickerModels.create(models), tmp_path / "style", photo(5),
                           StickerOptions(steps=4, strength=0.5, variants=2))
