@@ -240,7 +240,7 @@ def check_model_files(role: str, source: str, cls: Any, *, cache_dir: str | None
     if weight_names:
         weights = next((directory / n for n in weight_names if (directory / n).exists()), None)
         if weights is None:
-            if not _offline():
+            if not _offline() and not Path(source).expanduser().is_dir():
                 return None  # from_pretrained will download it
             return (f"{role} model {what}: no weights file ({weight_names[0]}) in {directory}; fix: "
                     f"{redownload}")
