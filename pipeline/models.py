@@ -351,6 +351,24 @@ class ImageEncoder:
     source: str
 
 
+def _load_variant(role: str, cls: Any, source: str, *, cache_dir: str | None, subfolder: str,
+                  variant: str, **kwargs: Any) -> Any:
+    """The ``variant`` weights (``*.fp16.safetensors``) where the repository has them, else the
+    plain ones. A variant file that is cached but damaged is an error, not a silent switch to the
+    files twice its size."""
+    directory = local_model_dir(source, cache_dir=cache_dir, subfolder=subfolder)
+    names = _expected_files(cls, variant)[1]
+    if directory is not None and not any((directory / n).exists() for n in names) and _offline():
+        return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder, **kwargs)
+    try:
+        return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder,
+                                variant=variant, **kwargs)
+    except ModelNotFoundError:
+        if directory is not None and any((directory / n).exists() for n in names):
+            raise
+        return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder, **kwargs)
+
+
 def load_diffusion(sources: ModelSources, *, device: torch.device, dtype: torch.dtype) -> DiffusionModels:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -361,11 +379,7 @@ def load_diffusion(sources: ModelSources, *, device: torch.device, dtype: torch.
 
     def load(role: str, cls: Any, sub: str, **kw: Any) -> Any:
         if variant is not None and sub in ("unet", "vae", "text_encoder"):
-            try:
-                return _from_pretrained(role, cls, src, cache_dir=cache, subfolder=sub,
-                                        variant=variant, **kw)
-            except ModelNotFoundError:
-                pass
+            return _load_variant(role, cls, src, cache_dir=cache, subfolder=sub, variant=variant, **kw)
         return _from_pretrained(role, cls, src, cache_dir=cache, subfolder=sub, **kw)
 
     tokenizer = load("tokenizer", CLIPTokenizer, "tokenizer")

@@ -384,3 +384,21 @@ def test_sd15_on_cuda_runs_in_fp16_from_the_fp16_files(hub_cache: Path, tiny_zoo
     assert len(result.webp) + result.withheld == 2
     for webp in result.webp:
         assert max(check_sticker(webp)) == 512
+
+
+def test_a_damaged_fp16_file_is_an_error_not_a_switch_to_fp32(hub_cache: Path, tmp_path: Path) -> None:
+    from pipeline.models import load_diffusion, resolve_sources
+    from pipeline.settings import load_settings
+
+    hub = copy_hub(hub_cache, tmp_path / "hub")
+    blob = blob_of(hub, SD15, "vae/diffusion_pytorch_model.fp16.safetensors")
+    blob.write_bytes(blob.read_bytes()[:-10])
+    sources = resolve_sources(load_settings(preset="sd15", data_dir=tmp_path, model_cache_dir=hub))
+    damaged = r"vae/diffusion_pytorch_model\.fp16\.safetensors is truncated"
+    with pytest.raises(ModelNotFoundError, match=damaged):
+        load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float16)
+    load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float32)  # fp32 files are whole
+    # A repository without the variant (a local fine-tune, say) loads its plain files in fp16.
+    (snapshot_dir(hub, SD15) / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    half = load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float16)
+    assert next(half.vae.parameters()).dtype == torch.float16
