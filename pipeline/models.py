@@ -465,7 +465,11 @@ def load_segmenter(source: str | Path, *, device: torch.device, dtype: torch.dty
     processor = _from_pretrained("segmenter", SegformerImageProcessor, src, cache_dir=cache_dir)
     kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
     if num_labels is not None:
-        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+        # New label names with the new count (an ImageNet checkpoint's 1000 would not match).
+        names = ["foreground"] if num_labels == 1 else [f"label_{i}" for i in range(num_labels)]
+        # (num_labels follows from id2label; passing both warns about the checkpoint's old map)
+        kwargs.update(ignore_mismatched_sizes=True, id2label=dict(enumerate(names)),
+                      label2id={n: i for i, n in enumerate(names)})
     model, info = _from_pretrained("segmenter", SegformerForSemanticSegmentation, src,
                                    cache_dir=cache_dir, **kwargs)
     problem = segmenter_head_problem(model.config, missing_keys=info.get("missing_keys") or (), source=src)

@@ -402,3 +402,27 @@ def test_a_damaged_fp16_file_is_an_error_not_a_switch_to_fp32(hub_cache: Path, t
     (snapshot_dir(hub, SD15) / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     half = load_diffusion(sources, device=torch.device("cpu"), dtype=torch.float16)
     assert next(half.vae.parameters()).dtype == torch.float16
+
+
+def test_the_doctors_fix_works_from_mit_b0(sd15_settings: Settings, hub_cache: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """`stickerbot segmenter train` from the preset's mit-b0 (its encoder, a new one-label head),
+    then STICKERBOT_SEGMENTER_MODEL=<out>: doctor has no problem left."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("STICKERBOT_PRESET", "sd15")
+    monkeypatch.setenv("STICKERBOT_DATA_DIR", str(sd15_settings.data_dir))
+    monkeypatch.setenv("STICKERBOT_MODEL_CACHE_DIR", str(hub_cache))
+    monkeypatch.setenv("STICKERBOT_DEVICE", "cpu")
+    out = tmp_path / "segmenter"
+    assert main(["segmenter", "train", "--procedural", "8", "--epochs", "1", "--pairs-per-epoch", "4",
+                 "--val-pairs", "2", "--size", "64", "--batch-size", "4", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "incompatible" not in caplog.text
+    capsys.readouterr()
+    monkeypatch.setenv("STICKERBOT_SEGMENTER_MODEL", str(out))
+    assert main(["doctor"]) == 0
+    printed = capsys.readouterr().out
+    assert "ok  segmenter      has a trained foreground head" in printed and "ready" in printed
