@@ -426,3 +426,14 @@ def test_the_doctors_fix_works_from_mit_b0(sd15_settings: Settings, hub_cache: P
     assert main(["doctor"]) == 0
     printed = capsys.readouterr().out
     assert "ok  segmenter      has a trained foreground head" in printed and "ready" in printed
+
+
+def test_dtype_per_device() -> None:
+    from pipeline.devices import resolve_dtype
+    from pipeline.errors import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("auto", cuda) == torch.float16
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="STICKERBOT_DTYPE=float16 on the CPU"):
+        resolve_dtype("float16", cpu)
