@@ -169,6 +169,14 @@ def local_model_dir(source: str, *, cache_dir: str | None = None,
     return base / subfolder if subfolder else base
 
 
+def repo_cache_dir(path: Path) -> Path:
+    """The ``models--org--name`` folder above a path inside a hub cache snapshot (else ``path``)."""
+    for parent in (path, *path.parents):
+        if parent.name.startswith("models--"):
+            return parent
+    return path
+
+
 # The config file and the weight files (first found wins) each kind of class loads.
 def _expected_files(cls: Any, variant: str | None) -> tuple[str, tuple[str, ...], str | None]:
     """(config file, weight file candidates, the class name/model_type the config must name)."""
@@ -222,6 +230,14 @@ def check_model_files(role: str, source: str, cls: Any, *, cache_dir: str | None
                   if not Path(source).expanduser().is_dir() else "rebuild or re-copy that directory")
     if not directory.is_dir():
         return f"{role} model {what}: the folder {directory} is missing; fix: {redownload}"
+    names = dict(getattr(cls, "vocab_files_names", None) or {})
+    if names and (_offline() or Path(source).expanduser().is_dir()):
+        # A tokenizer reads tokenizer.json, or else every one of its slow-tokenizer files.
+        fast = names.pop("tokenizer_file", None)
+        if not (fast and (directory / fast).is_file()):
+            gone = [n for n in names.values() if not (directory / n).is_file()]
+            if gone:
+                return f"{role} model {what}: {directory / gone[0]} is missing; fix: {redownload}"
     if config_name:
         config_path = directory / config_name
         try:
@@ -273,8 +289,13 @@ def _from_pretrained(role: str, cls: Any, source: str, *, cache_dir: str | None 
         local = Path(source).expanduser()
         where = (cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME")
                  or "~/.cache/huggingface")
+        cached = None if local.exists() else local_model_dir(source, cache_dir=cache_dir,
+                                                              subfolder=kwargs.get("subfolder"))
         if local.exists():
             hint = f"the directory {local} exists but does not hold a loadable {cls.__name__}"
+        elif cached is not None:
+            hint = (f"its cached files in {cached} are incomplete or damaged; fix: delete "
+                    f"{repo_cache_dir(cached)} and download it again (`hf download {source}`)")
         else:
             hint = (
                 f"it is neither a local directory nor in the Hugging Face cache ({where})"
@@ -284,7 +305,7 @@ def _from_pretrained(role: str, cls: Any, source: str, *, cache_dir: str | None 
             )
         sub = kwargs.get("subfolder")
         what = f"{source}" + (f" (subfolder {sub})" if sub else "")
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        detail = " ".join(str(exc).split())[:300]
         raise ModelNotFoundError(
             f"cannot load the {role} model {what}: {hint}. ({exc.__class__.__name__}: {detail})"
         ) from exc

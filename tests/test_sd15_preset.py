@@ -181,7 +181,7 @@ def test_a_flagged_sticker_is_withheld(trained_segmenter_models: Any, tmp_path: 
     data = DataDir(tmp_path / "data")
     write_random_style(models.diffusion, data.root / "styles" / "s1", rank=4)
     (data.root / "photos").mkdir(parents=True)
-    (data.root / "photos" / "p.png").write_bytes(photo(2))
+    (data.root / "photos" / "p.png").write_bytes(photo(2, size=(400, 200)))  # 512x256: half the work
     settings = load_settings(preset="sd15", data_dir=data.root, device="cpu")
     resident = Resident(settings=settings, data=data, models=models, stickers=StickerModels.create(models))
     job = Job(id="j1", kind=JobKind.STICKER, state=JobState.RUNNING, user_id=1, priority=0,
@@ -206,7 +206,7 @@ def test_bot_texts_explain_a_withheld_sticker() -> None:
 # --- bad caches: one line naming the model, the file and the fix --------------------------------
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_class"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_class", "tokenizer"])
 def test_a_damaged_cache_names_model_file_and_fix(hub_cache: Path, tmp_path: Path, damage: str,
                                                   sd15_settings: Settings) -> None:
     hub = copy_hub(hub_cache, tmp_path / "hub")
@@ -218,6 +218,9 @@ def test_a_damaged_cache_names_model_file_and_fix(hub_cache: Path, tmp_path: Pat
         blob = blob_of(hub, SD15, "text_encoder/model.safetensors")
         blob.write_bytes(blob.read_bytes()[:-1000])
         file = "text_encoder/model.safetensors"
+    elif damage == "tokenizer":
+        (snap / "tokenizer" / "vocab.json").unlink()
+        file = "tokenizer/vocab.json"
     else:
         vae_config = snap / "vae" / "config.json"
         vae_config.unlink()
