@@ -10,6 +10,10 @@ loading path with no network: the real ids, file names, variants, config classes
 with the models' sizes shrunk (the ``tiny`` preset's configs; vision models keep their real input
 sizes so that the real preprocessor configs fit them).
 
+Tests use the session fixture ``hub_cache`` (tests/conftest.py). Benchmarks and people call
+``build_hub_cache(dir)`` or ``python -m tests.hub_mirror DIR``, then e.g.
+``HF_HUB_CACHE=DIR/hub HF_HUB_OFFLINE=1 stickerbot doctor``.
+
 What each repository mirrors, and what it leaves out
 ----------------------------------------------------
 ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (diffusers multi-folder layout)
@@ -416,3 +420,11 @@ def hub_env(hub: Path, **extra: str) -> dict[str, str]:
                TRANSFORMERS_OFFLINE="1", STICKERBOT_PRESET="sd15", STICKERBOT_DEVICE="cpu")
     env.update(extra)
     return env
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tests.hub_mirror DIR  (writes DIR/hub; set HF_HUB_CACHE to it)")
+    print(build_hub_cache(sys.argv[1]))
