@@ -579,10 +579,51 @@ class Models:
     safety: SafetyChecker | None = None  # None: no NSFW filter (tiny zoo, or turned off)
 
 
+def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool) -> None:
+    """Check every file ``load_models`` will read before any is loaded, so a damaged cache fails
+    with its one line before gigabytes sit in accelerator memory (nothing half-loaded). Files not
+    local yet are left to the download."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import (
+        BlipForConditionalGeneration,
+        CLIPTextModel,
+        CLIPTokenizer,
+        SegformerForSemanticSegmentation,
+    )
+
+    src = sources.diffusion
+    variant = "fp16" if dtype == torch.float16 and not Path(src).exists() else None
+    parts: list[tuple[str, Any, str, str | None]] = [
+        ("tokenizer", CLIPTokenizer, src, "tokenizer"), ("text encoder", CLIPTextModel, src, "text_encoder"),
+        ("VAE", AutoencoderKL, src, "vae"), ("UNet", UNet2DConditionModel, src, "unet"),
+        ("captioner", BlipForConditionalGeneration, sources.captioner, None),
+        ("segmenter", SegformerForSemanticSegmentation, sources.segmenter, None),
+    ]
+    if safety:
+        parts.append(("safety checker", StableDiffusionSafetyChecker, src, "safety_checker"))
+    for role, cls, source, sub in parts:
+        chosen = None
+        if variant is not None and sub not in (None, "tokenizer"):
+            directory = local_model_dir(source, cache_dir=sources.cache_dir, subfolder=sub)
+            names = _expected_files(cls, variant)[1]
+            if directory is not None and any((directory / n).exists() for n in names):
+                chosen = variant
+        folder = local_model_dir(source, cache_dir=sources.cache_dir, subfolder=sub)
+        if sub == "safety_checker" and (folder is None or not folder.is_dir()):
+            continue  # none in this repo: load_safety_checker says what to do
+        problem = check_model_files(role, source, cls, cache_dir=sources.cache_dir, subfolder=sub,
+                                    variant=chosen)
+        if problem:
+            raise ModelNotFoundError(f"cannot load the {problem}")
+
+
 def load_models(settings: Settings) -> Models:
-    """Load the diffusion model, the captioner and the segmenter of the configured preset."""
+    """Load the diffusion model, the captioner and the segmenter of the configured preset (their
+    files checked first, all of them)."""
     sources = resolve_sources(settings)
     device, dtype = device_and_dtype(settings)
+    check_model_set(sources, dtype=dtype, safety=settings.safety_checker)
     diffusion = load_diffusion(sources, device=device, dtype=dtype)
     captioner = load_captioner(sources, device=device, dtype=dtype)
     segmenter = load_segmenter(sources.segmenter, device=device, cache_dir=sources.cache_dir)

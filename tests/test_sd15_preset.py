@@ -256,6 +256,8 @@ def test_worker_refuses_to_start_on_a_truncated_file(hub_cache: Path, tmp_path: 
     errors = [line for line in out.stderr.splitlines() if line.startswith("stickerbot worker: error:")]
     assert len(errors) == 1, out.stderr
     assert SD15 in errors[0] and "unet" in errors[0] and "truncated" in errors[0] and "fix:" in errors[0]
+    # Checked before anything loads: the text encoder (loaded before the UNet) never was.
+    assert "Loading weights" not in out.stderr
 
 
 @pytest.mark.slow
