@@ -372,20 +372,26 @@ class ImageEncoder:
     source: str
 
 
+def _variant_cached(directory: Path | None, cls: Any, variant: str) -> bool:
+    """Whether ``directory`` (a local model folder, or None) holds ``cls``'s ``variant`` weights."""
+    names = _expected_files(cls, variant)[1]
+    return directory is not None and any((directory / n).exists() for n in names)
+
+
 def _load_variant(role: str, cls: Any, source: str, *, cache_dir: str | None, subfolder: str,
                   variant: str, **kwargs: Any) -> Any:
     """The ``variant`` weights (``*.fp16.safetensors``) where the repository has them, else the
     plain ones. A variant file that is cached but damaged is an error, not a silent switch to the
     files twice its size."""
     directory = local_model_dir(source, cache_dir=cache_dir, subfolder=subfolder)
-    names = _expected_files(cls, variant)[1]
-    if directory is not None and not any((directory / n).exists() for n in names) and _offline():
+    cached = _variant_cached(directory, cls, variant)
+    if directory is not None and not cached and _offline():
         return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder, **kwargs)
     try:
         return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder,
                                 variant=variant, **kwargs)
     except ModelNotFoundError:
-        if directory is not None and any((directory / n).exists() for n in names):
+        if cached:
             raise
         return _from_pretrained(role, cls, source, cache_dir=cache_dir, subfolder=subfolder, **kwargs)
 
@@ -603,13 +609,9 @@ def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool) 
     if safety:
         parts.append(("safety checker", StableDiffusionSafetyChecker, src, "safety_checker"))
     for role, cls, source, sub in parts:
-        chosen = None
-        if variant is not None and sub not in (None, "tokenizer"):
-            directory = local_model_dir(source, cache_dir=sources.cache_dir, subfolder=sub)
-            names = _expected_files(cls, variant)[1]
-            if directory is not None and any((directory / n).exists() for n in names):
-                chosen = variant
         folder = local_model_dir(source, cache_dir=sources.cache_dir, subfolder=sub)
+        chosen = variant if variant is not None and sub not in (None, "tokenizer") and _variant_cached(
+            folder, cls, variant) else None
         if sub == "safety_checker" and (folder is None or not folder.is_dir()):
             continue  # none in this repo: load_safety_checker says what to do
         problem = check_model_files(role, source, cls, cache_dir=sources.cache_dir, subfolder=sub,
