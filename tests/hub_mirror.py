@@ -66,12 +66,14 @@ What each repository mirrors, and what it leaves out
     transformer blocks' ``proj_in``/``proj_out`` (the real one also covers feed-forward and
     ResNet layers: 67.5 M parameters). Leaves out: README.
 
-Sources: the SD 1.5 file list, model_index, scheduler and feature-extractor configs were checked
-against copies found with the search tool (public repos quoting them, FACTS.md); mit-b0's
-classification config and labels against transformers' own SegFormer example and pytorch/hub's
-ImageNet class list. The BLIP, CLIP and DINO preprocessor files and the SD tokenizer_config are
-written from the repositories' files as known to the author, not checked against a copy here;
-no test asserts a field of them beyond the class, size and special tokens named above.
+Sources. Checked against copies found with the search tool: the SD 1.5 component folders and
+file names, the scheduler fields and the feature-extractor config (public repos quoting the
+repository's files; FACTS.md), ``model_index.json``'s classes (FACTS.md and the issue), mit-b0 as a
+1000-class ImageNet ``SegformerForImageClassification`` (transformers' own SegFormer example), the
+LCM-LoRA's 67.5 M parameters (its model card). Written from the author's knowledge of the
+repositories and not checked against a copy here: the remaining mit-b0 config fields (b0's
+published encoder settings), the BLIP, CLIP and DINO preprocessor files, the SD tokenizer_config
+and the LCM-LoRA's kohya key naming. No test asserts a field of those beyond what is named above.
 """
 
 from __future__ import annotations
