@@ -141,17 +141,29 @@ def trained_segmenter_models(sd15_models: Any, tiny_zoo: Path):  # -> Models
                                                                      device=torch.device("cpu")))
 
 
-def test_sd15_sticker_with_a_trained_segmenter(trained_segmenter_models: Any, tmp_path: Path) -> None:
+def test_sd15_sticker_with_a_trained_segmenter(trained_segmenter_models: Any, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A sticker on the sd15 path, with a template long enough that the caption no longer fits in
+    77 tokens: it is shortened before CLIP sees it, and nothing warns about a cut prompt."""
     from pipeline.stickers.generation import write_random_style
     from pipeline.stickers.postprocess import check_sticker
     from pipeline.stickers.sticker_pipeline import STAGES, StickerModels, StickerOptions, make_sticker
 
     write_random_style(trained_segmenter_models.diffusion, tmp_path / "style", rank=4)
     models = StickerModels.create(trained_segmenter_models)
-    result = make_sticker(models, tmp_path / "style", photo(1), StickerOptions(steps=2, strength=0.5))
+    template = "a {identifier} {class_noun} sticker, " + "cute " * 64 + "{caption}"
+    options = StickerOptions(steps=2, strength=0.5, prompt_template=template)
+    result = make_sticker(models, tmp_path / "style", photo(1), options)
     assert len(result.webp) == 1 and result.withheld == 0
     assert max(check_sticker(result.webp[0])) == 512
     assert set(STAGES) <= set(result.timings)
+    tokenizer = trained_segmenter_models.diffusion.tokenizer
+    assert result.prompt.startswith("a zqv cat sticker, ")
+    for text in (result.prompt, result.negative_prompt):
+        assert len(tokenizer(text, verbose=False).input_ids) <= 77
+    assert "cute" in result.prompt and result.caption and result.caption not in result.prompt
+    assert "longer than the specified maximum sequence length" not in caplog.text
+    assert "truncated" not in caplog.text
 
 
 def test_a_flagged_sticker_is_withheld(trained_segmenter_models: Any, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 # CLIP's text encoder reads 77 tokens, start and end tokens included; the rest is cut silently.
 CLIP_MAX_TOKENS = 77
-TokenCounter = Callable[[str], int]  # text -> tokens including start/end (len(tokenizer(text).input_ids))
+# text -> tokens including start/end: len(tokenizer(text, verbose=False).input_ids)
+TokenCounter = Callable[[str], int]
 
 DEFAULT_INSTANCE_TEMPLATE = "a {identifier} {class_noun} sticker"
 DEFAULT_CLASS_TEMPLATE = "a {class_noun} sticker"

@@ -204,7 +204,8 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
         tokenizer = diffusion.tokenizer
 
         def count_tokens(text: str) -> int:
-            return len(tokenizer(text).input_ids)
+            # verbose=False: measuring a long text is not feeding it to the model (no warning)
+            return len(tokenizer(text, verbose=False).input_ids)
 
         limit = int(getattr(tokenizer, "model_max_length", 77) or 77)
         try:
