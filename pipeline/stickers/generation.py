@@ -141,7 +141,7 @@ class StickerGenerator:
 
     def __init__(self, diffusion: DiffusionModels, *, cache_size: int = 4, lcm_lora: str | None = None,
                  full_cache_size: int = 1) -> None:
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+        from diffusers import DPMSolverMultistepScheduler
 
         if cache_size < 1:
             raise ConfigError(f"STICKERBOT_ADAPTER_CACHE_SIZE must be at least 1, not {cache_size}")
@@ -152,13 +152,7 @@ class StickerGenerator:
         # DPM-Solver++ (2M): good images in 20-30 steps; its state resets at every set_timesteps.
         self._scheduler = DPMSolverMultistepScheduler.from_config(diffusion.scheduler_config)
         self._fast_scheduler: Any = None
-        # Any: diffusers adds its LoRA and progress-bar methods through mixins mypy cannot see.
-        self.pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
-            vae=diffusion.vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer,
-            unet=diffusion.unet, scheduler=self._scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        ))
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe: Any = self._img2img_pipeline(diffusion.unet)
         lora_log = logging.getLogger("diffusers.loaders.lora_base")
         if _LORA_NOTICE_FILTER not in lora_log.filters:
             lora_log.addFilter(_LORA_NOTICE_FILTER)
@@ -199,37 +193,48 @@ class StickerGenerator:
         """The adapter name of ``style``, loading it (and evicting the least recently used one)
         on a miss. A style rewritten on disk since it was cached is reloaded."""
         with self._lock:
+            # 1. a hit: the cached adapter, unless the style was rewritten since
             cached = self._adapters.get(style.id)
             if cached is not None and cached.fingerprint == style.fingerprint:
                 self._adapters.move_to_end(style.id)
                 return cached.name
+            # 2. room for it: drop a stale copy, evict the least recently used
             if cached is not None:
                 self._delete(self._adapters.pop(style.id).name)
-            while len(self._adapters) >= self.cache_size:
-                evicted_id, evicted = self._adapters.popitem(last=False)
-                self._delete(evicted.name)
-                log.debug("evicted adapter of style %s", evicted_id)
+            self._evict_down_to(self.cache_size - 1)
+            # 3. read it from disk
             name = f"style_{self._prefix}_{next(self._names)}"
-            if style.info.base_model != self.diffusion.source:
-                log.info("style %s was trained on %s, serving on %s", style.id,
-                         style.info.base_model, self.diffusion.source)
-            try:
-                with warnings.catch_warnings():
-                    # Several adapters side by side is this cache's design, not a mistake.
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
-                                                adapter_name=name)
-            except Exception as exc:  # any failure to load is this style's fault
-                self._delete(name)
-                raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
-                                 f"{self.diffusion.source} ({exc.__class__.__name__}: "
-                                 f"{str(exc)[:200]})") from exc
-            if name not in self._loaded_names():
-                raise StyleError(f"style {style.id!r}: its adapter file holds no LoRA weights "
-                                 "for this model")
+            self._read_adapter(style, name)
             self._adapters[style.id] = _Adapter(name=name, fingerprint=style.fingerprint)
             self.loads += 1
             return name
+
+    def _evict_down_to(self, size: int) -> None:
+        while len(self._adapters) > size:
+            evicted_id, evicted = self._adapters.popitem(last=False)
+            self._delete(evicted.name)
+            log.debug("evicted adapter of style %s", evicted_id)
+
+    def _read_adapter(self, style: StyleRef, name: str) -> None:
+        """Load ``style``'s LoRA file under adapter ``name``; StyleError naming the style when it
+        does not fit this model (nothing is left behind then)."""
+        if style.info.base_model != self.diffusion.source:
+            log.info("style %s was trained on %s, serving on %s", style.id,
+                     style.info.base_model, self.diffusion.source)
+        try:
+            with warnings.catch_warnings():
+                # Several adapters side by side is this cache's design, not a mistake.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
+                                            adapter_name=name)
+        except Exception as exc:  # any failure to load is this style's fault
+            self._delete(name)
+            raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
+                             f"{self.diffusion.source} ({exc.__class__.__name__}: "
+                             f"{str(exc)[:200]})") from exc
+        if name not in self._loaded_names():
+            raise StyleError(f"style {style.id!r}: its adapter file holds no LoRA weights "
+                             "for this model")
 
     def _load_lcm(self) -> None:
         if self._lcm_loaded:
@@ -246,9 +251,20 @@ class StickerGenerator:
                                      f"{str(exc)[:200]}") from exc
         self._lcm_loaded = True
 
-    def _full_pipeline(self, style: StyleRef) -> Any:
+    def _img2img_pipeline(self, unet: Any) -> Any:
+        """An img2img pipeline on the resident components with ``unet``; nothing is copied."""
         from diffusers import StableDiffusionImg2ImgPipeline
 
+        # Any: diffusers adds its LoRA and progress-bar methods through mixins mypy cannot see.
+        pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
+            vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
+            tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _full_pipeline(self, style: StyleRef) -> Any:
         from pipeline.models import load_unet
 
         hit = self._full.get(style.id)
@@ -263,12 +279,7 @@ class StickerGenerator:
                              dtype=self.diffusion.dtype)
         except ModelNotFoundError as exc:
             raise StyleError(f"style {style.id!r}: its fine-tuned UNet cannot be loaded") from exc
-        pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
-            vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
-            tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._img2img_pipeline(unet)
         self._full[style.id] = (style.fingerprint, pipe)
         self.loads += 1
         return pipe
@@ -299,41 +310,54 @@ class StickerGenerator:
         """Make ``style`` (None: the base model) the only active adapter, loading it on a cache
         miss, and pick the scheduler: returns (pipeline, scheduler steps, guidance). ``generate``
         calls it; it is public so the switch cost can be measured on its own."""
-        from diffusers import LCMScheduler
-
         with self._lock:
-            names: list[str] = []
-            weights: list[float] = []
-            if style is not None and style.info.kind == "full":
-                if params.fast:
-                    raise StyleError(f"style {style.id!r} is fully fine-tuned: fast mode (LCM-LoRA) "
-                                     "works with LoRA styles only")
-                pipe = self._full_pipeline(style)
-            else:
-                pipe = self.pipe
-                if style is not None:
-                    names.append(self.load_adapter(style))
-                    weights.append(params.adapter_scale)
-            if params.fast:
-                self._load_lcm()
-                names.append(LCM_ADAPTER)
-                weights.append(1.0)
+            # 1. the pipeline and the adapters of the style (and of fast mode)
+            pipe, names, weights = self._pipeline_and_adapters(style, params)
+            # 2. only those adapters active
             self._activate(names, weights)
-            # The scheduler of the mode.
-            if params.fast:
-                if self._fast_scheduler is None:
-                    self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
-                pipe.scheduler = self._fast_scheduler
-                steps = math.ceil(FAST_STEPS / params.strength)
-                guidance = FAST_GUIDANCE
-            else:
-                pipe.scheduler = self._scheduler
-                steps, guidance = params.steps, params.guidance
-            # The trainer shares these modules and may leave them in train mode (LoRA dropout).
+            # 3. the scheduler of the mode
+            steps, guidance = self._set_scheduler(pipe, params)
+            # 4. inference mode: the trainer shares these modules and may leave them in train
+            #    mode (LoRA dropout)
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
                 if module.training:
                     module.eval()
             return pipe, steps, guidance
+
+    def _pipeline_and_adapters(self, style: StyleRef | None,
+                               params: GenerationParams) -> tuple[Any, list[str], list[float]]:
+        """The pipeline that serves ``style`` and the adapter names and weights to activate on
+        it, loading what is missing: a full fine-tune has its own pipeline and no style adapter;
+        a LoRA style (or the base model) uses the resident one. Fast mode adds the LCM-LoRA."""
+        names: list[str] = []
+        weights: list[float] = []
+        if style is not None and style.info.kind == "full":
+            if params.fast:
+                raise StyleError(f"style {style.id!r} is fully fine-tuned: fast mode (LCM-LoRA) "
+                                 "works with LoRA styles only")
+            pipe = self._full_pipeline(style)
+        else:
+            pipe = self.pipe
+            if style is not None:
+                names.append(self.load_adapter(style))
+                weights.append(params.adapter_scale)
+        if params.fast:
+            self._load_lcm()
+            names.append(LCM_ADAPTER)
+            weights.append(1.0)
+        return pipe, names, weights
+
+    def _set_scheduler(self, pipe: Any, params: GenerationParams) -> tuple[int, float]:
+        """Put the mode's scheduler on ``pipe``; returns (scheduler steps, guidance)."""
+        from diffusers import LCMScheduler
+
+        if params.fast:
+            if self._fast_scheduler is None:
+                self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
+            pipe.scheduler = self._fast_scheduler
+            return math.ceil(FAST_STEPS / params.strength), FAST_GUIDANCE
+        pipe.scheduler = self._scheduler
+        return params.steps, params.guidance
 
     # --- Generation -------------------------------------------------------------------------
 
