@@ -64,8 +64,7 @@ class Resident:
 
         models = load_models(settings)
         return cls(settings=settings, data=DataDir(settings.data_dir), models=models,
-                   stickers=StickerModels.create(models, cache_size=settings.adapter_cache_size,
-                                                 lcm_lora=settings.lcm_lora))
+                   stickers=StickerModels.configured(models, settings))
 
 
 def checkpoint_dir(data: DataDir, job_id: str) -> Path:

@@ -33,6 +33,7 @@ from pipeline.training.style import LORA_FILE, STYLE_FILE, UNET_DIR, StyleInfo, 
 
 if TYPE_CHECKING:
     from pipeline.models import DiffusionModels
+    from pipeline.stickers.fast_path import CompiledServing
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class StickerGenerator:
     """
 
     def __init__(self, diffusion: DiffusionModels, *, cache_size: int = 4, lcm_lora: str | None = None,
-                 full_cache_size: int = 1) -> None:
+                 full_cache_size: int = 1, compile: bool = False, compile_max_rank: int = 16,
+                 compile_mode: str | None = None, compile_backend: str = "inductor") -> None:
         from diffusers import DPMSolverMultistepScheduler
 
         if cache_size < 1:
@@ -164,6 +166,12 @@ class StickerGenerator:
         self._prefix = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
         self.loads = 0  # adapters loaded from disk so far (cache misses), for metrics and tests
+        # The fast path (pipeline/stickers/fast_path.py): compiled UNet and VAE decoder, LoRA
+        # styles hot-swapped into one slot. None = every request takes the eager path.
+        self.compiled: CompiledServing | None = None
+        self._compiled_pipe: Any = None
+        if compile:
+            self._start_compiled(max_rank=compile_max_rank, mode=compile_mode, backend=compile_backend)
 
     # --- Cache -----------------------------------------------------------------------------
 
@@ -289,11 +297,17 @@ class StickerGenerator:
         UNets), restoring the bare base modules. Call before another user of the same modules
         (the trainer) adds its own adapter; the cache refills lazily afterwards."""
         with self._lock:
-            if self._loaded_names():
+            if self.compiled is not None:
+                # The slot and the LCM-LoRA stay (removing them would mean compiling again);
+                # the slot is zeroed and the trainer puts back what it found.
+                for style_adapter in self._adapters.values():
+                    self._delete(style_adapter.name)
+                self.compiled.swap_in(None, 0.0)
+            elif self._loaded_names():
                 self.pipe.unload_lora_weights()
+                self._lcm_loaded = False
             self._adapters.clear()
             self._full.clear()
-            self._lcm_loaded = False
 
     def _activate(self, names: list[str], weights: list[float]) -> None:
         # A cheap look at the configs instead of a walk over every module (_loaded_names).
@@ -311,18 +325,56 @@ class StickerGenerator:
         miss, and pick the scheduler: returns (pipeline, scheduler steps, guidance). ``generate``
         calls it; it is public so the switch cost can be measured on its own."""
         with self._lock:
-            # 1. the pipeline and the adapters of the style (and of fast mode)
-            pipe, names, weights = self._pipeline_and_adapters(style, params)
-            # 2. only those adapters active
-            self._activate(names, weights)
+            # 1. the compiled pipeline with the style in the hot-swap slot, where it can take it
+            pipe = self._compiled_pipeline(style, params)
+            if pipe is None:
+                # 2. otherwise the eager pipeline and the style's adapters (and fast mode's),
+                #    only those active
+                pipe, names, weights = self._pipeline_and_adapters(style, params)
+                self._activate(names, weights)
             # 3. the scheduler of the mode
             steps, guidance = self._set_scheduler(pipe, params)
             # 4. inference mode: the trainer shares these modules and may leave them in train
-            #    mode (LoRA dropout)
+            #    mode (LoRA dropout); a compiled UNet's mode is its wrapped module's
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                module = getattr(module, "_orig_mod", module)
                 if module.training:
                     module.eval()
             return pipe, steps, guidance
+
+    def _start_compiled(self, *, max_rank: int, mode: str | None, backend: str) -> None:
+        from pipeline.stickers.fast_path import CompiledServing
+
+        if self._loaded_names():
+            raise ConfigError("the compiled fast path must be set up before any LoRA is loaded "
+                              "into the UNet: build the StickerGenerator first")
+        self.compiled = CompiledServing(self.pipe, max_rank=max_rank, cache_size=self.cache_size, mode=mode,
+                                        backend=backend)
+        self._compiled_pipe = self._img2img_pipeline(self.compiled.compiled_unet)
+        if self.lcm_lora:
+            # Loaded now, so the UNet's adapters are complete before the first compiled call.
+            try:
+                self._load_lcm()
+            except ModelNotFoundError as exc:
+                log.warning("%s; fast mode will fail until it is fixed", exc)
+
+    def _compiled_pipeline(self, style: StyleRef | None, params: GenerationParams) -> Any:
+        """The compiled pipeline with ``style`` copied into the hot-swap slot, or None where the
+        fast path is off or cannot take the style (see fast_path.py)."""
+        from pipeline.stickers.fast_path import SlotRefused
+
+        if self.compiled is None or (style is not None and style.info.kind != "lora"):
+            return None
+        if style is not None and not self.compiled.accepts(style):
+            return None
+        if params.fast:
+            self._load_lcm()
+        try:
+            self.compiled.swap_in(style, params.adapter_scale)
+        except SlotRefused:
+            return None
+        self.compiled.activate(style, params.adapter_scale, lcm=params.fast, lcm_name=LCM_ADAPTER)
+        return self.pipe if self.compiled.needs_eager_unet(style) else self._compiled_pipe
 
     def _pipeline_and_adapters(self, style: StyleRef | None,
                                params: GenerationParams) -> tuple[Any, list[str], list[float]]:
