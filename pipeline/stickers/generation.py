@@ -303,6 +303,7 @@ class StickerGenerator:
                 for style_adapter in self._adapters.values():
                     self._delete(style_adapter.name)
                 self.compiled.swap_in(None, 0.0)
+                self.compiled.invalidate()
             elif self._loaded_names():
                 self.pipe.unload_lora_weights()
                 self._lcm_loaded = False
@@ -330,6 +331,8 @@ class StickerGenerator:
             if pipe is None:
                 # 2. otherwise the eager pipeline and the style's adapters (and fast mode's),
                 #    only those active
+                if self.compiled is not None:
+                    self.compiled.invalidate()
                 pipe, names, weights = self._pipeline_and_adapters(style, params)
                 self._activate(names, weights)
             # 3. the scheduler of the mode
