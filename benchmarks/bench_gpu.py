@@ -81,7 +81,7 @@ class Bench:
         self.args, self.root = args, root
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.reps = 2 if args.tiny else (5 if args.quick else 15)
+        self.reps = 2 if args.tiny else (5 if args.quick else 10)
         card = torch.cuda.get_device_name() if self.cuda else platform.processor() or "cpu"
         self.results: dict[str, Any] = {
             "card": card, "device": args.device, "quick": args.quick, "tiny": args.tiny,
@@ -351,7 +351,7 @@ def training(bench: Bench, models: Any) -> dict[str, Any]:
 
     diffusion = models.diffusion
     prepared = prepare_sticker_set(sticker_files(4), resolution=diffusion.resolution)
-    warm, steps = (1, 3) if bench.args.tiny else ((3, 10) if bench.args.quick else (3, 25))
+    warm, steps = (1, 3) if bench.args.tiny else ((3, 10) if bench.args.quick else (3, 20))
     base = TrainingConfig(steps=warm + steps, batch_size=1, num_class_images=4, checkpoint_every=10_000,
                           class_image_steps=2 if bench.args.tiny else 25, seed=0)
     profiles = {"default": base, "low_memory": base.low_memory(),
@@ -422,8 +422,13 @@ def segmenter_training(bench: Bench, models: Any) -> dict[str, Any]:
     config = SegTrainConfig(size=size, batch_size=batch, epochs=1, pairs_per_epoch=batch * steps,
                             val_pairs=batch, warmup_steps=1, workers=default_workers(bench.device))
     stamps: list[float] = []
-    train_segmenter(seg, make_stickers(12, size=size), bench.root / "segmenter", config,
-                    progress=lambda p: (bench.sync(), stamps.append(time.perf_counter())))
+
+    def step_done(p: Any) -> None:
+        if p.val_iou is None:  # per step; the epoch's last call comes after validation
+            bench.sync()
+            stamps.append(time.perf_counter())
+
+    train_segmenter(seg, make_stickers(12, size=size), bench.root / "segmenter", config, progress=step_done)
     measured = stamps[2:]  # the first steps start the pair workers
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else None
     return {"steps_per_s": round(rate, 2) if rate else None, "size": size, "batch": batch,

@@ -39,15 +39,17 @@ def fresh_diffusion(settings: Settings):  # -> DiffusionModels
 
 @pytest.fixture(scope="module")
 def styles(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> dict[str, StyleRef]:
-    """Three UNet-only styles of different ranks, one with a text-encoder LoRA, one of rank 8
-    (above the slot's 4), and a stand-in LCM-LoRA."""
+    """Three UNet-only styles of different ranks (c with alpha 6 != rank 3, saved as metadata:
+    a slot that ignored alphas would serve it at half strength), one with a text-encoder LoRA,
+    one of rank 8 (above the slot's 4), and a stand-in LCM-LoRA."""
     root = tmp_path_factory.mktemp("fast-styles")
     diffusion = fresh_diffusion(settings)
     specs = {"a": (2, False), "b": (4, False), "c": (3, False), "te": (4, True), "big": (8, False),
              "lcm": (4, False)}
     out = {}
     for i, (name, (rank, text)) in enumerate(specs.items()):
-        write_random_style(diffusion, root / name, seed=i + 1, rank=rank, text_encoder=text)
+        write_random_style(diffusion, root / name, seed=i + 1, rank=rank, text_encoder=text,
+                           lora_alpha=6 if name == "c" else None)
         out[name] = StyleRef.open(root / name)
     return out
 

@@ -449,7 +449,7 @@ class StickerGenerator:
 
 def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, seed: int = 0, rank: int = 4,
                        text_encoder: bool = False, identifier: str = "zqv", class_noun: str = "cat",
-                       copy_modules: bool = True) -> StyleInfo:
+                       copy_modules: bool = True, lora_alpha: int | None = None) -> StyleInfo:
     """Write a random-weight LoRA style for ``diffusion``'s architecture into ``style_dir``, in
     exactly the format the trainer writes (diffusers LoRA + ``style.json``).
 
@@ -457,7 +457,8 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     are non-zero (a fresh LoRA would be a no-op). With ``copy_modules`` (the default) the adapter
     is added to copies and ``diffusion`` is untouched; without it (real-size models, where a copy
     costs gigabytes) it is added to ``diffusion``'s own modules and deleted again, which leaves
-    empty, output-neutral LoRA wrappers behind.
+    empty, output-neutral LoRA wrappers behind. ``lora_alpha`` other than ``rank`` is saved as
+    metadata with the file, as the trainer does.
     """
     import copy
 
@@ -474,11 +475,14 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     name = f"random_style_{seed}"
+    alpha = rank if lora_alpha is None else lora_alpha
+    configs: dict[str, dict[str, Any]] = {}
 
     def lora_of(module: Any, targets: list[str]) -> dict[str, Any]:
         target = copy.deepcopy(module) if copy_modules else module
-        target.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                      target_modules=targets), adapter_name=name)
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+        configs["unet" if not configs else "text_encoder"] = config.to_dict()
+        target.add_adapter(config, adapter_name=name)
         try:
             state = get_peft_model_state_dict(target, adapter_name=name)
             return convert_state_dict_to_diffusers({k: v.detach().clone() for k, v in state.items()})
@@ -494,15 +498,18 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
                      if text_encoder else None)
     finally:
         torch.random.set_rng_state(rng_state)
+    with_alpha = lora_alpha is not None and lora_alpha != rank
     StableDiffusionPipeline.save_lora_weights(
         style_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+        unet_lora_adapter_metadata=configs["unet"] if with_alpha else None,
+        text_encoder_lora_adapter_metadata=configs.get("text_encoder") if with_alpha else None,
         safe_serialization=True,
     )
     info = StyleInfo(
         identifier=identifier, class_noun=class_noun,
         instance_prompt=instance_prompt(identifier, class_noun), class_prompt=class_prompt(class_noun),
         base_model=diffusion.source, kind="lora", resolution=diffusion.resolution, steps=0, seed=seed,
-        train_set_sha256="", rank=rank, lora_alpha=float(rank), text_encoder_trained=text_encoder,
+        train_set_sha256="", rank=rank, lora_alpha=float(alpha), text_encoder_trained=text_encoder,
         extra={"random": True},
     )
     write_style_info(style_dir, info)
