@@ -452,14 +452,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cpu":
             torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         models = load(bench)
-        styles, lcm = write_styles(bench, models)
+        wanted = {w for w in args.only.split(",") if w}
+        serving = not wanted or any(w.startswith(("stickers", "style_switch")) for w in wanted)
+        styles, lcm = write_styles(bench, models) if serving else ([], Path())
         bench.section("segmenter", lambda: segmenter(bench, models))
         bench.section("captioner", lambda: captioner(bench, models))
-        eager_serving(bench, models, styles, lcm)
+        if serving:
+            eager_serving(bench, models, styles, lcm)
         bench.section("class_images", lambda: class_images(bench, models))
         bench.section("training", lambda: training(bench, models))
         bench.section("segmenter_training", lambda: segmenter_training(bench, models))
-        compiled_serving(bench, models, styles, lcm)  # last: it compiles the shared VAE decoder
+        if serving:
+            compiled_serving(bench, models, styles, lcm)  # last: it compiles the shared VAE decoder
         bench.results["total_s"] = round(time.perf_counter() - start, 1)
         bench.write()
     print(f"wrote {args.out / JSON_NAME} and {args.out / MARKDOWN_NAME} "

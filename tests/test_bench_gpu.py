@@ -62,6 +62,6 @@ def test_tiny_run_end_to_end(tmp_path: Path, tiny_zoo: Path) -> None:
                              "style_switch_compiled"}
     assert sections["stickers_compiled"]["normal"]["diffusion"]["p50_ms"] > 0
     hot = sections["style_switch_compiled"]["hot_swap"]
-    assert hot["graphs_compiled_after_first_round"] == 0 and hot["disk_loads"] == 0
+    assert hot["graphs_compiled_after_first_round"] == 0 and hot["disk_loads"] == 8  # first round
     assert sections["style_switch_eager"]["reload_from_disk"]["disk_loads"] == 16
     assert sections["training"]["default (with prior)"]["steps_per_s"] > 0

@@ -126,6 +126,7 @@ def check_switching(gen: StickerGenerator, styles, photo, eager_images) -> None:
         assert_close(run(gen, photo, styles["c"]), eager_images["c"])
     assert graphs() == warm
     assert gen.compiled is not None and gen.compiled.swaps >= 8
+    assert gen.loads == gen.compiled.reads == 6  # a, b, c, a, b, c: a cache of 2 over 3 styles
     # Only the slot ever held a style: no per-style adapter was added to the UNet.
     assert set(gen.pipe.unet.peft_config) == {SLOT, "lcm"}
 

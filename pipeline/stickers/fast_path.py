@@ -126,6 +126,7 @@ class CompiledServing:
         self._active: tuple[Any, ...] | None = None  # (lcm, text key) set last; None: unknown
         self._said: set[str] = set()
         self.swaps = 0  # weight copies into the slot, for tests and the benchmark
+        self.reads = 0  # style files read from disk (misses of the state cache)
 
     def _slot_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The slot's down- and up-projection weights and scaling tensors, one per LoRA layer,
@@ -153,6 +154,7 @@ class CompiledServing:
             return hit
         state, alphas, metadata = self._pipe.lora_state_dict(
             str(style.directory), weight_name=LORA_FILE, return_lora_metadata=True)
+        self.reads += 1
         device, dtype = self.unet.device, self.unet.dtype
         moved = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
         unet_part = {k: v for k, v in moved.items() if k.startswith("unet.")}

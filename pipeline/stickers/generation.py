@@ -368,6 +368,7 @@ class StickerGenerator:
 
         if self.compiled is None or (style is not None and style.info.kind != "lora"):
             return None
+        reads = self.compiled.reads
         if style is not None and not self.compiled.accepts(style):
             return None
         if params.fast:
@@ -376,6 +377,7 @@ class StickerGenerator:
             self.compiled.swap_in(style, params.adapter_scale)
         except SlotRefused:
             return None
+        self.loads += self.compiled.reads - reads  # a style read from disk is a cache miss
         self.compiled.activate(style, params.adapter_scale, lcm=params.fast, lcm_name=LCM_ADAPTER)
         return self.pipe if self.compiled.needs_eager_unet(style) else self._compiled_pipe
 
