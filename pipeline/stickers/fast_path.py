@@ -19,7 +19,9 @@ What the slot cannot take at all, a rank above ``R`` (``STICKERBOT_COMPILE_MAX_R
 outside the slot's targets, is served by the generator's ordinary adapter path (that adds an
 adapter to the UNet, so the compiled graph compiles once more afterwards). Each reason is said
 once in the log. Shapes matter to the compiler as well: the first request at a new photo size or
-batch size compiles again (then dynamo marks the dimension dynamic), whatever the style.
+batch size compiles again (then dynamo marks the dimension dynamic), whatever the style; the VAE
+decoder is compiled in place, so the trainer's class-image generation (batches of 4) runs it too
+and compiles it once for that shape.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pipeline.training.style import LORA_FILE
 from pipeline.training.trainer import UNET_LORA_TARGETS
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SLOT = "hotswap"  # the one UNet adapter every eligible style is copied into
 TEXT_SLOT = "hotswap_text"  # the text-encoder half of the current style, when it has one
-CompileSetting = Literal["auto", "on", "off"]
 
 
 def compile_enabled(setting: str, device: torch.device) -> bool:
