@@ -183,3 +183,16 @@ def test_unload_all_keeps_the_slot_and_training_can_share_the_unet(compiled, sty
     assert gen.cached_styles == []  # the ordinary path's adapters ("big") went
     assert_close(run(gen, photo, styles["b"]), eager_images["b"])
     assert_close(run(gen, photo, None), eager_images["base"])
+
+
+def test_settings_choose_the_path(settings: Settings) -> None:
+    from pipeline.models import load_models
+    from pipeline.stickers.sticker_pipeline import StickerModels
+
+    models = load_models(settings)  # its own: the fast path changes the UNet
+    assert StickerModels.configured(models, settings).generator.compiled is None  # off by default
+    auto = StickerModels.configured(models, settings.model_copy(update={"compile": "auto"}))
+    assert auto.generator.compiled is None  # auto: CUDA only
+    on = StickerModels.configured(models, settings.model_copy(update={"compile": "on",
+                                                                      "compile_max_rank": 8}))
+    assert on.generator.compiled is not None and on.generator.compiled.max_rank == 8
