@@ -439,7 +439,7 @@ def segmenter_training(bench: Bench, models: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args([] if argv is None else argv)  # None: run by the all-benchmarks runner
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -473,4 +473,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
