@@ -9,8 +9,9 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install run test test-slow bench lint doctor clean
+.PHONY: install run test test-slow bench bench-gpu gpu-wheels lint doctor clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,16 @@ test-slow: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# Every GPU figure in one offline command (benchmarks/README.md); exit 3 where no CUDA GPU is.
+bench-gpu: install
+	$(PY) -m benchmarks gpu $(BENCH_ARGS)
+
+# The wheels that take this project to a GPU machine with no network (benchmarks/README.md).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r benchmarks/gpu-wheels.txt
 
 lint: install
 	$(VENV)/bin/ruff check .

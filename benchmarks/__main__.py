@@ -12,10 +12,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# Run by name only: it measures nothing without a CUDA GPU, and on one it takes minutes.
+BY_NAME_ONLY = {"bench_gpu"}
+
+
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
     names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    if argv and argv[0].removeprefix("bench_") == "gpu":
+        # Its own options (--quick, --out) and exit status (3: no CUDA GPU).
+        return int(importlib.import_module("benchmarks.bench_gpu").main(argv[1:]))
     wanted = [f"bench_{a.removeprefix('bench_')}" for a in argv]
+    if not wanted:
+        names = [n for n in names if n not in BY_NAME_ONLY]
+        print(f"(left out, run by name: {', '.join(sorted(BY_NAME_ONLY))})", flush=True)
     if wanted:
         unknown = set(wanted) - set(names)
         if unknown:

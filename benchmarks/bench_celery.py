@@ -8,9 +8,10 @@ would serve.
 2. Submit-to-start latency (submit until the job record says running, as the bot sees it),
    p50/p99 over jobs submitted one at a time.
 3. A simulation of N GPU workers (each serving both queues, stickers first, training yielding at
-   its next step): stickers/hour and training jobs/hour as N grows, from per-job GPU times in
-   /work/shared/FACTS.md (public A100/H100 figures) plus the Celery overhead measured in 1-2.
-   Its table is what docs/scale-out.md shows.
+   its next step): stickers/hour and training jobs/hour as N grows, from per-job GPU times plus
+   the Celery overhead measured in 1-2. The GPU times come from ``python -m benchmarks gpu``'s
+   JSON (``benchmarks/results/gpu.json``) when one exists, else from published figures cited
+   below (:data:`PUBLISHED`); the output says which. Its table is what docs/scale-out.md shows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,16 +38,58 @@ ROOT = Path(__file__).resolve().parent.parent
 BURST_JOBS = 300
 LATENCY_JOBS = 60
 
-# --- per-job GPU times for the simulation (seconds), from /work/shared/FACTS.md --------------
-# SD 1.5 at 512 px, 50 steps end to end: 1.4-1.6 s eager on an A100/H100. img2img runs
-# strength x steps, so 1.5 s is an upper bound for the denoising; captioning (BLIP) and
-# background removal (SegFormer) are small models: 0.3 s assumed.
-STICKER_GPU_S = 1.5 + 0.3
-# An adapter that is not in the worker's LRU cache: loading a rank-16 LoRA (12.8 MB); assumed.
-ADAPTER_LOAD_S = 0.5
-# SD 1.5 LoRA DreamBooth: about 11 min per 1000 steps on one A100; the default is 100 steps per
-# image, 400..1500: a 10-image set trains 1000 steps.
-TRAIN_GPU_S = 11 * 60
+# --- per-job GPU times for the simulation ----------------------------------------------------
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"  # written by python -m benchmarks gpu
+
+
+@dataclass(frozen=True)
+class GpuTimes:
+    """Seconds per job on one GPU worker, and where they come from."""
+
+    sticker_s: float  # one sticker, end to end (30 steps x strength 0.6, caption, cut-out)
+    adapter_load_s: float  # a style not in the worker's adapter cache, loaded from disk
+    train_s: float  # one style: 1000 LoRA steps (the default for a 10-image set) with prior
+    source: str
+
+
+# Used when no GPU run of this project exists yet.
+PUBLISHED = GpuTimes(
+    # fal-ai/stable-diffusion-benchmarks (GitHub, README: SD 1.5, 512 px, 50 steps, A100 80 GB
+    # SXM): diffusers on torch 2.1 with SDPA ran 31.19 it/s (1.604 s per image). A sticker runs
+    # 30 x 0.6 = 18 denoising steps at that rate; BLIP and SegFormer are assumed 0.3 s together.
+    sticker_s=18 / 31.19 + 0.3,
+    # Assumed: reading and injecting a rank-16 LoRA (12.8 MB in fp32) on the GPU.
+    adapter_load_s=0.5,
+    # "About 11 minutes per 1000 steps on one A100" for SD 1.5 DreamBooth-LoRA, a public
+    # community report (no primary source at hand: a figure to replace with a measured one).
+    train_s=11 * 60,
+    source="published A100 figures (fal-ai/stable-diffusion-benchmarks; a DreamBooth-LoRA report)",
+)
+
+
+def gpu_times(path: Path = GPU_RESULTS) -> GpuTimes:
+    """The measured times of ``python -m benchmarks gpu`` where its JSON exists (the eager path,
+    the default), else :data:`PUBLISHED`."""
+    import json
+
+    if not path.is_file():
+        return PUBLISHED
+    try:
+        run: dict[str, Any] = json.loads(path.read_text())
+        sections = run["sections"]
+        if run.get("tiny"):
+            raise ValueError("a tiny-model test run")
+        return GpuTimes(
+            sticker_s=sections["stickers_eager"]["normal"]["total"]["p50_ms"] / 1000,
+            adapter_load_s=sections["style_switch_eager"]["reload_from_disk"]["switch"]["p50_ms"] / 1000,
+            train_s=float(sections["training"]["default (with prior)"]["s_per_1000_steps"]),
+            source=f"measured by python -m benchmarks gpu on {run['card']} ({run['started']})",
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"  {path} is not usable ({exc.__class__.__name__}: {exc}): published figures instead")
+        return PUBLISHED
+
+
 STICKERS_PER_STYLE = 20  # a user trains once, then makes this many stickers
 PREEMPT_S = 2.0  # a training step plus writing a checkpoint when a sticker arrives (assumed)
 
@@ -185,15 +229,15 @@ class SimResult:
     training_turnaround_p50: float
 
 
-def simulate(workers: int, *, overhead_s: float, load: float = 0.8, hours: float = 12.0,
-             seed: int = 0) -> SimResult:
+def simulate(workers: int, *, overhead_s: float, times: GpuTimes = PUBLISHED, load: float = 0.8,
+             hours: float = 12.0, seed: int = 0) -> SimResult:
     """Users arrive at random (Poisson) at ``load`` x the fleet's capacity; each trains a style,
     then asks for ``STICKERS_PER_STYLE`` stickers 30 s apart. Workers take stickers first; a
     training job yields to a waiting sticker at its next step (``PREEMPT_S``) and resumes later.
     Counts over the hours after the first (warm-up)."""
     rng = random.Random(seed)
-    sticker_s = STICKER_GPU_S + overhead_s
-    per_user = TRAIN_GPU_S + overhead_s + STICKERS_PER_STYLE * sticker_s + ADAPTER_LOAD_S
+    sticker_s = times.sticker_s + overhead_s
+    per_user = times.train_s + overhead_s + STICKERS_PER_STYLE * sticker_s + times.adapter_load_s
     rate = load * workers * 3600 / per_user  # users per hour
     horizon, warmup = hours * 3600, 3600.0
     events: list[tuple[float, int, str, object]] = []  # (time, seq, kind, data)
@@ -220,7 +264,7 @@ def simulate(workers: int, *, overhead_s: float, load: float = 0.8, hours: float
             arrival = stickers.popleft()
             if arrival >= warmup:
                 waits.append(now - arrival)
-            busy[w] = {"kind": "sticker", "end": now + sticker_s + ADAPTER_LOAD_S / STICKERS_PER_STYLE}
+            busy[w] = {"kind": "sticker", "end": now + sticker_s + times.adapter_load_s / STICKERS_PER_STYLE}
             push(busy[w]["end"], "done", w)  # type: ignore[arg-type]
         elif trains:
             remaining, arrival = trains.popleft()
@@ -234,7 +278,7 @@ def simulate(workers: int, *, overhead_s: float, load: float = 0.8, hours: float
         if now > horizon:
             break
         if kind == "train":
-            trains.append([TRAIN_GPU_S + overhead_s, float(data)])  # type: ignore[arg-type]
+            trains.append([times.train_s + overhead_s, float(data)])  # type: ignore[arg-type]
         elif kind == "sticker":
             stickers.append(now)
             idle = [w for w in range(workers) if busy[w] is None]
@@ -272,19 +316,19 @@ def simulate(workers: int, *, overhead_s: float, load: float = 0.8, hours: float
                      statistics.median(turnarounds) if turnarounds else float("nan"))
 
 
-def simulation_table(overhead_s: float) -> str:
-    ceiling = 3600 / (STICKER_GPU_S + overhead_s)
+def simulation_table(overhead_s: float, times: GpuTimes = PUBLISHED) -> str:
+    ceiling = 3600 / (times.sticker_s + overhead_s)
     rows = ["| GPU workers | stickers/h, stickers only | users/h offered (mixed) | stickers/h | "
             "trainings/h | sticker wait p95 | training turnaround p50 |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
     for n in (1, 2, 4, 8, 16):
-        r = simulate(n, overhead_s=overhead_s)
+        r = simulate(n, overhead_s=overhead_s, times=times)
         rows.append(f"| {n} | {n * ceiling:.0f} | {r.users_per_hour:.1f} | {r.stickers_per_hour:.0f} | "
                     f"{r.trainings_per_hour:.1f} | {r.sticker_wait_p95:.1f} s | "
                     f"{r.training_turnaround_p50 / 60:.1f} min |")
     rows.append("")
     rows.append(f"One worker doing nothing but stickers: {ceiling:.0f} stickers/h; nothing but "
-                f"training: {3600 / (TRAIN_GPU_S + overhead_s):.1f} trainings/h. Capacity grows "
+                f"training: {3600 / (times.train_s + overhead_s):.1f} trainings/h. Capacity grows "
                 f"linearly with N: the queue adds {overhead_s * 1000:.0f} ms per job.")
     return "\n".join(rows)
 
@@ -308,10 +352,12 @@ def main() -> None:
                   f"submit->start p50 x{celery['p50'] / max(embedded['p50'], 1e-9):.2f}")
             # Per-job queue cost on a worker: the burst's time per job plus the start latency.
             overhead = 1 / celery["throughput"] + celery["p50"] / 1000
-    print(f"\nN GPU workers (simulated, sticker {STICKER_GPU_S:.1f} s, training {TRAIN_GPU_S / 60:.0f} min "
-          f"per job on the GPU, {STICKERS_PER_STYLE} stickers per style, load 80% of capacity, "
-          f"measured queue overhead {overhead * 1000:.0f} ms/job):")
-    print(simulation_table(overhead))
+    times = gpu_times()
+    print(f"\nN GPU workers (simulated, sticker {times.sticker_s:.2f} s, training "
+          f"{times.train_s / 60:.0f} min per job on the GPU, {STICKERS_PER_STYLE} stickers per style, "
+          f"load 80% of capacity, "
+          f"measured queue overhead {overhead * 1000:.0f} ms/job; GPU times: {times.source}):")
+    print(simulation_table(overhead, times))
 
 
 if __name__ == "__main__":

@@ -59,13 +59,12 @@ class Resident:
 
     @classmethod
     def load(cls, settings: Settings) -> Resident:
-        from pipeline.models import fetch_lcm_lora, load_models
+        from pipeline.models import load_models
         from pipeline.stickers.sticker_pipeline import StickerModels
 
         models = load_models(settings)
         return cls(settings=settings, data=DataDir(settings.data_dir), models=models,
-                   stickers=StickerModels.create(models, cache_size=settings.adapter_cache_size,
-                                                 lcm_lora=fetch_lcm_lora(models.sources)))
+                   stickers=StickerModels.configured(models, settings))
 
 
 def checkpoint_dir(data: DataDir, job_id: str) -> Path:

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     clip_model: str | None = None
     dino_model: str | None = None
     lcm_lora: str | None = None  # an LCM-LoRA id or path enables the fast 4-step mode
+    # Serving fast path (torch.compile, LoRA hot-swap): off until `python -m benchmarks gpu` has
+    # shown it faster on a GPU; auto = on where a CUDA GPU is found.
+    compile: Literal["auto", "on", "off"] = "off"
+    compile_max_rank: int = Field(default=16, ge=1, le=256)  # largest LoRA rank the slot takes
     model_cache_dir: Path | None = None  # Hugging Face cache; default: the hub's own
     tiny_zoo_dir: Path | None = None  # default: <data_dir>/tiny-zoo
     # The diffusion repository's NSFW classifier: a flagged sticker is never sent. On by default.

@@ -33,6 +33,7 @@ from pipeline.training.style import LORA_FILE, STYLE_FILE, UNET_DIR, StyleInfo, 
 
 if TYPE_CHECKING:
     from pipeline.models import DiffusionModels
+    from pipeline.stickers.fast_path import CompiledServing
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,9 @@ class StickerGenerator:
     """
 
     def __init__(self, diffusion: DiffusionModels, *, cache_size: int = 4, lcm_lora: str | None = None,
-                 full_cache_size: int = 1) -> None:
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+                 full_cache_size: int = 1, compile: bool = False, compile_max_rank: int = 16,
+                 compile_mode: str | None = None, compile_backend: str = "inductor") -> None:
+        from diffusers import DPMSolverMultistepScheduler
 
         if cache_size < 1:
             raise ConfigError(f"STICKERBOT_ADAPTER_CACHE_SIZE must be at least 1, not {cache_size}")
@@ -152,13 +154,7 @@ class StickerGenerator:
         # DPM-Solver++ (2M): good images in 20-30 steps; its state resets at every set_timesteps.
         self._scheduler = DPMSolverMultistepScheduler.from_config(diffusion.scheduler_config)
         self._fast_scheduler: Any = None
-        # Any: diffusers adds its LoRA and progress-bar methods through mixins mypy cannot see.
-        self.pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
-            vae=diffusion.vae, text_encoder=diffusion.text_encoder, tokenizer=diffusion.tokenizer,
-            unet=diffusion.unet, scheduler=self._scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        ))
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe: Any = self._img2img_pipeline(diffusion.unet)
         lora_log = logging.getLogger("diffusers.loaders.lora_base")
         if _LORA_NOTICE_FILTER not in lora_log.filters:
             lora_log.addFilter(_LORA_NOTICE_FILTER)
@@ -170,6 +166,12 @@ class StickerGenerator:
         self._prefix = uuid.uuid4().hex[:8]
         self._lock = threading.RLock()
         self.loads = 0  # adapters loaded from disk so far (cache misses), for metrics and tests
+        # The fast path (pipeline/stickers/fast_path.py): compiled UNet and VAE decoder, LoRA
+        # styles hot-swapped into one slot. None = every request takes the eager path.
+        self.compiled: CompiledServing | None = None
+        self._compiled_pipe: Any = None
+        if compile:
+            self._start_compiled(max_rank=compile_max_rank, mode=compile_mode, backend=compile_backend)
 
     # --- Cache -----------------------------------------------------------------------------
 
@@ -199,37 +201,48 @@ class StickerGenerator:
         """The adapter name of ``style``, loading it (and evicting the least recently used one)
         on a miss. A style rewritten on disk since it was cached is reloaded."""
         with self._lock:
+            # 1. a hit: the cached adapter, unless the style was rewritten since
             cached = self._adapters.get(style.id)
             if cached is not None and cached.fingerprint == style.fingerprint:
                 self._adapters.move_to_end(style.id)
                 return cached.name
+            # 2. room for it: drop a stale copy, evict the least recently used
             if cached is not None:
                 self._delete(self._adapters.pop(style.id).name)
-            while len(self._adapters) >= self.cache_size:
-                evicted_id, evicted = self._adapters.popitem(last=False)
-                self._delete(evicted.name)
-                log.debug("evicted adapter of style %s", evicted_id)
+            self._evict_down_to(self.cache_size - 1)
+            # 3. read it from disk
             name = f"style_{self._prefix}_{next(self._names)}"
-            if style.info.base_model != self.diffusion.source:
-                log.info("style %s was trained on %s, serving on %s", style.id,
-                         style.info.base_model, self.diffusion.source)
-            try:
-                with warnings.catch_warnings():
-                    # Several adapters side by side is this cache's design, not a mistake.
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
-                                                adapter_name=name)
-            except Exception as exc:  # any failure to load is this style's fault
-                self._delete(name)
-                raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
-                                 f"{self.diffusion.source} ({exc.__class__.__name__}: "
-                                 f"{str(exc)[:200]})") from exc
-            if name not in self._loaded_names():
-                raise StyleError(f"style {style.id!r}: its adapter file holds no LoRA weights "
-                                 "for this model")
+            self._read_adapter(style, name)
             self._adapters[style.id] = _Adapter(name=name, fingerprint=style.fingerprint)
             self.loads += 1
             return name
+
+    def _evict_down_to(self, size: int) -> None:
+        while len(self._adapters) > size:
+            evicted_id, evicted = self._adapters.popitem(last=False)
+            self._delete(evicted.name)
+            log.debug("evicted adapter of style %s", evicted_id)
+
+    def _read_adapter(self, style: StyleRef, name: str) -> None:
+        """Load ``style``'s LoRA file under adapter ``name``; StyleError naming the style when it
+        does not fit this model (nothing is left behind then)."""
+        if style.info.base_model != self.diffusion.source:
+            log.info("style %s was trained on %s, serving on %s", style.id,
+                     style.info.base_model, self.diffusion.source)
+        try:
+            with warnings.catch_warnings():
+                # Several adapters side by side is this cache's design, not a mistake.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(str(style.directory), weight_name=LORA_FILE,
+                                            adapter_name=name)
+        except Exception as exc:  # any failure to load is this style's fault
+            self._delete(name)
+            raise StyleError(f"style {style.id!r}: its adapter cannot be loaded into "
+                             f"{self.diffusion.source} ({exc.__class__.__name__}: "
+                             f"{str(exc)[:200]})") from exc
+        if name not in self._loaded_names():
+            raise StyleError(f"style {style.id!r}: its adapter file holds no LoRA weights "
+                             "for this model")
 
     def _load_lcm(self) -> None:
         if self._lcm_loaded:
@@ -246,9 +259,20 @@ class StickerGenerator:
                                      f"{str(exc)[:200]}") from exc
         self._lcm_loaded = True
 
-    def _full_pipeline(self, style: StyleRef) -> Any:
+    def _img2img_pipeline(self, unet: Any) -> Any:
+        """An img2img pipeline on the resident components with ``unet``; nothing is copied."""
         from diffusers import StableDiffusionImg2ImgPipeline
 
+        # Any: diffusers adds its LoRA and progress-bar methods through mixins mypy cannot see.
+        pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
+            vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
+            tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _full_pipeline(self, style: StyleRef) -> Any:
         from pipeline.models import load_unet
 
         hit = self._full.get(style.id)
@@ -263,12 +287,7 @@ class StickerGenerator:
                              dtype=self.diffusion.dtype)
         except ModelNotFoundError as exc:
             raise StyleError(f"style {style.id!r}: its fine-tuned UNet cannot be loaded") from exc
-        pipe: Any = cast(Any, StableDiffusionImg2ImgPipeline(
-            vae=self.diffusion.vae, text_encoder=self.diffusion.text_encoder,
-            tokenizer=self.diffusion.tokenizer, unet=unet, scheduler=self._scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._img2img_pipeline(unet)
         self._full[style.id] = (style.fingerprint, pipe)
         self.loads += 1
         return pipe
@@ -278,11 +297,18 @@ class StickerGenerator:
         UNets), restoring the bare base modules. Call before another user of the same modules
         (the trainer) adds its own adapter; the cache refills lazily afterwards."""
         with self._lock:
-            if self._loaded_names():
+            if self.compiled is not None:
+                # The slot and the LCM-LoRA stay (removing them would mean compiling again);
+                # the slot is zeroed and the trainer puts back what it found.
+                for style_adapter in self._adapters.values():
+                    self._delete(style_adapter.name)
+                self.compiled.swap_in(None, 0.0)
+                self.compiled.invalidate()
+            elif self._loaded_names():
                 self.pipe.unload_lora_weights()
+                self._lcm_loaded = False
             self._adapters.clear()
             self._full.clear()
-            self._lcm_loaded = False
 
     def _activate(self, names: list[str], weights: list[float]) -> None:
         # A cheap look at the configs instead of a walk over every module (_loaded_names).
@@ -299,41 +325,96 @@ class StickerGenerator:
         """Make ``style`` (None: the base model) the only active adapter, loading it on a cache
         miss, and pick the scheduler: returns (pipeline, scheduler steps, guidance). ``generate``
         calls it; it is public so the switch cost can be measured on its own."""
-        from diffusers import LCMScheduler
-
         with self._lock:
-            names: list[str] = []
-            weights: list[float] = []
-            if style is not None and style.info.kind == "full":
-                if params.fast:
-                    raise StyleError(f"style {style.id!r} is fully fine-tuned: fast mode (LCM-LoRA) "
-                                     "works with LoRA styles only")
-                pipe = self._full_pipeline(style)
-            else:
-                pipe = self.pipe
-                if style is not None:
-                    names.append(self.load_adapter(style))
-                    weights.append(params.adapter_scale)
-            if params.fast:
-                self._load_lcm()
-                names.append(LCM_ADAPTER)
-                weights.append(1.0)
-            self._activate(names, weights)
-            # The scheduler of the mode.
-            if params.fast:
-                if self._fast_scheduler is None:
-                    self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
-                pipe.scheduler = self._fast_scheduler
-                steps = math.ceil(FAST_STEPS / params.strength)
-                guidance = FAST_GUIDANCE
-            else:
-                pipe.scheduler = self._scheduler
-                steps, guidance = params.steps, params.guidance
-            # The trainer shares these modules and may leave them in train mode (LoRA dropout).
+            # 1. the compiled pipeline with the style in the hot-swap slot, where it can take it
+            pipe = self._compiled_pipeline(style, params)
+            if pipe is None:
+                # 2. otherwise the eager pipeline and the style's adapters (and fast mode's),
+                #    only those active
+                if self.compiled is not None:
+                    self.compiled.invalidate()
+                pipe, names, weights = self._pipeline_and_adapters(style, params)
+                self._activate(names, weights)
+            # 3. the scheduler of the mode
+            steps, guidance = self._set_scheduler(pipe, params)
+            # 4. inference mode: the trainer shares these modules and may leave them in train
+            #    mode (LoRA dropout); a compiled UNet's mode is its wrapped module's
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+                module = getattr(module, "_orig_mod", module)
                 if module.training:
                     module.eval()
             return pipe, steps, guidance
+
+    def _start_compiled(self, *, max_rank: int, mode: str | None, backend: str) -> None:
+        from pipeline.stickers.fast_path import CompiledServing
+
+        if self._loaded_names():
+            raise ConfigError("the compiled fast path must be set up before any LoRA is loaded "
+                              "into the UNet: build the StickerGenerator first")
+        self.compiled = CompiledServing(self.pipe, max_rank=max_rank, cache_size=self.cache_size, mode=mode,
+                                        backend=backend)
+        self._compiled_pipe = self._img2img_pipeline(self.compiled.compiled_unet)
+        if self.lcm_lora:
+            # Loaded now, so the UNet's adapters are complete before the first compiled call.
+            try:
+                self._load_lcm()
+            except ModelNotFoundError as exc:
+                log.warning("%s; fast mode will fail until it is fixed", exc)
+
+    def _compiled_pipeline(self, style: StyleRef | None, params: GenerationParams) -> Any:
+        """The compiled pipeline with ``style`` copied into the hot-swap slot, or None where the
+        fast path is off or cannot take the style (see fast_path.py)."""
+        from pipeline.stickers.fast_path import SlotRefused
+
+        if self.compiled is None or (style is not None and style.info.kind != "lora"):
+            return None
+        reads = self.compiled.reads
+        if style is not None and not self.compiled.accepts(style):
+            return None
+        if params.fast:
+            self._load_lcm()
+        try:
+            self.compiled.swap_in(style, params.adapter_scale)
+        except SlotRefused:
+            return None
+        self.loads += self.compiled.reads - reads  # a style read from disk is a cache miss
+        self.compiled.activate(style, params.adapter_scale, lcm=params.fast, lcm_name=LCM_ADAPTER)
+        return self.pipe if self.compiled.needs_eager_unet(style) else self._compiled_pipe
+
+    def _pipeline_and_adapters(self, style: StyleRef | None,
+                               params: GenerationParams) -> tuple[Any, list[str], list[float]]:
+        """The pipeline that serves ``style`` and the adapter names and weights to activate on
+        it, loading what is missing: a full fine-tune has its own pipeline and no style adapter;
+        a LoRA style (or the base model) uses the resident one. Fast mode adds the LCM-LoRA."""
+        names: list[str] = []
+        weights: list[float] = []
+        if style is not None and style.info.kind == "full":
+            if params.fast:
+                raise StyleError(f"style {style.id!r} is fully fine-tuned: fast mode (LCM-LoRA) "
+                                 "works with LoRA styles only")
+            pipe = self._full_pipeline(style)
+        else:
+            pipe = self.pipe
+            if style is not None:
+                names.append(self.load_adapter(style))
+                weights.append(params.adapter_scale)
+        if params.fast:
+            self._load_lcm()
+            names.append(LCM_ADAPTER)
+            weights.append(1.0)
+        return pipe, names, weights
+
+    def _set_scheduler(self, pipe: Any, params: GenerationParams) -> tuple[int, float]:
+        """Put the mode's scheduler on ``pipe``; returns (scheduler steps, guidance)."""
+        from diffusers import LCMScheduler
+
+        if params.fast:
+            if self._fast_scheduler is None:
+                self._fast_scheduler = LCMScheduler.from_config(self.diffusion.scheduler_config)
+            pipe.scheduler = self._fast_scheduler
+            return math.ceil(FAST_STEPS / params.strength), FAST_GUIDANCE
+        pipe.scheduler = self._scheduler
+        return params.steps, params.guidance
 
     # --- Generation -------------------------------------------------------------------------
 
@@ -372,7 +453,7 @@ class StickerGenerator:
 
 def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, seed: int = 0, rank: int = 4,
                        text_encoder: bool = False, identifier: str = "zqv", class_noun: str = "cat",
-                       copy_modules: bool = True) -> StyleInfo:
+                       copy_modules: bool = True, lora_alpha: int | None = None) -> StyleInfo:
     """Write a random-weight LoRA style for ``diffusion``'s architecture into ``style_dir``, in
     exactly the format the trainer writes (diffusers LoRA + ``style.json``).
 
@@ -380,7 +461,8 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     are non-zero (a fresh LoRA would be a no-op). With ``copy_modules`` (the default) the adapter
     is added to copies and ``diffusion`` is untouched; without it (real-size models, where a copy
     costs gigabytes) it is added to ``diffusion``'s own modules and deleted again, which leaves
-    empty, output-neutral LoRA wrappers behind.
+    empty, output-neutral LoRA wrappers behind. ``lora_alpha`` other than ``rank`` is saved as
+    metadata with the file, as the trainer does.
     """
     import copy
 
@@ -397,11 +479,14 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     name = f"random_style_{seed}"
+    alpha = rank if lora_alpha is None else lora_alpha
+    configs: dict[str, dict[str, Any]] = {}
 
     def lora_of(module: Any, targets: list[str]) -> dict[str, Any]:
         target = copy.deepcopy(module) if copy_modules else module
-        target.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                      target_modules=targets), adapter_name=name)
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+        configs["unet" if not configs else "text_encoder"] = config.to_dict()
+        target.add_adapter(config, adapter_name=name)
         try:
             state = get_peft_model_state_dict(target, adapter_name=name)
             return convert_state_dict_to_diffusers({k: v.detach().clone() for k, v in state.items()})
@@ -417,15 +502,18 @@ def write_random_style(diffusion: DiffusionModels, style_dir: str | Path, *, see
                      if text_encoder else None)
     finally:
         torch.random.set_rng_state(rng_state)
+    with_alpha = lora_alpha is not None and lora_alpha != rank
     StableDiffusionPipeline.save_lora_weights(
         style_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
+        unet_lora_adapter_metadata=configs["unet"] if with_alpha else None,
+        text_encoder_lora_adapter_metadata=configs.get("text_encoder") if with_alpha else None,
         safe_serialization=True,
     )
     info = StyleInfo(
         identifier=identifier, class_noun=class_noun,
         instance_prompt=instance_prompt(identifier, class_noun), class_prompt=class_prompt(class_noun),
         base_model=diffusion.source, kind="lora", resolution=diffusion.resolution, steps=0, seed=seed,
-        train_set_sha256="", rank=rank, lora_alpha=float(rank), text_encoder_trained=text_encoder,
+        train_set_sha256="", rank=rank, lora_alpha=float(alpha), text_encoder_trained=text_encoder,
         extra={"random": True},
     )
     write_style_info(style_dir, info)

@@ -124,18 +124,28 @@ class StickerModels:
     generator: StickerGenerator
 
     @classmethod
-    def create(cls, models: Models, *, cache_size: int = 4, lcm_lora: str | None = None) -> StickerModels:
+    def create(cls, models: Models, *, cache_size: int = 4, lcm_lora: str | None = None,
+               compile: bool = False, compile_max_rank: int = 16) -> StickerModels:
         return cls(models=models,
-                   generator=StickerGenerator(models.diffusion, cache_size=cache_size, lcm_lora=lcm_lora))
+                   generator=StickerGenerator(models.diffusion, cache_size=cache_size, lcm_lora=lcm_lora,
+                                              compile=compile, compile_max_rank=compile_max_rank))
+
+    @classmethod
+    def configured(cls, models: Models, settings: Settings) -> StickerModels:
+        """The generator as the settings ask (adapter cache, LCM-LoRA, the compiled fast path)."""
+        from pipeline.models import fetch_lcm_lora
+        from pipeline.stickers.fast_path import compile_enabled
+
+        return cls.create(models, cache_size=settings.adapter_cache_size, lcm_lora=fetch_lcm_lora(models.sources),
+                          compile=compile_enabled(settings.compile, models.diffusion.device),
+                          compile_max_rank=settings.compile_max_rank)
 
     @classmethod
     def load(cls, settings: Settings) -> StickerModels:
         """Load the preset's models and build the generator (for the CLI and scripts)."""
-        from pipeline.models import fetch_lcm_lora, load_models
+        from pipeline.models import load_models
 
-        models = load_models(settings)
-        return cls.create(models, cache_size=settings.adapter_cache_size,
-                          lcm_lora=fetch_lcm_lora(models.sources))
+        return cls.configured(load_models(settings), settings)
 
 
 @dataclass
