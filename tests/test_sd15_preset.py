@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,16 +261,32 @@ def test_doctor_names_the_untrained_segmenter(sd15_env: dict[str, str]) -> None:
 
 def test_worker_refuses_to_start_on_a_truncated_file(hub_cache: Path, tmp_path: Path,
                                                      sd15_env: dict[str, str]) -> None:
+    """The worker never serves from a damaged cache: it names model, file and fix once per
+    attempt and waits (backing off) for the operator to repair the files; nothing half-loads."""
     hub = copy_hub(hub_cache, tmp_path / "hub")
     blob = blob_of(hub, SD15, "unet/diffusion_pytorch_model.safetensors")
     blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
-    out = cli(["worker"], dict(sd15_env, HF_HUB_CACHE=str(hub)), timeout=120)
-    assert out.returncode == 2
-    errors = [line for line in out.stderr.splitlines() if line.startswith("stickerbot worker: error:")]
-    assert len(errors) == 1, out.stderr
-    assert SD15 in errors[0] and "unet" in errors[0] and "truncated" in errors[0] and "fix:" in errors[0]
-    # Checked before anything loads: the text encoder (loaded before the UNet) never was.
-    assert "Loading weights" not in out.stderr
+    env = dict(sd15_env, HF_HUB_CACHE=str(hub), PYTHONPATH=str(ROOT),
+               STICKERBOT_DATA_DIR=str(tmp_path / "data"),
+               STICKERBOT_MODEL_LOAD_RETRY_SECONDS="0.5", STICKERBOT_MODEL_LOAD_RETRY_MAX_SECONDS="1")
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "(attempt 2)" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        failures = [line for line in text.splitlines() if "models failed to load (attempt" in line]
+        assert len(failures) >= 2, text
+        assert all(SD15 in f and "unet" in f and "truncated" in f and "fix:" in f for f in failures), text
+        # Checked before anything loads: the text encoder (loaded before the UNet) never was.
+        assert "Loading weights" not in text and "models loaded" not in text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log.read_text()
 
 
 @pytest.mark.slow

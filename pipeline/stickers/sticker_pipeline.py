@@ -136,7 +136,8 @@ class StickerModels:
         from pipeline.models import fetch_lcm_lora
         from pipeline.stickers.fast_path import compile_enabled
 
-        return cls.create(models, cache_size=settings.adapter_cache_size, lcm_lora=fetch_lcm_lora(models.sources),
+        return cls.create(models, cache_size=settings.adapter_cache_size,
+                          lcm_lora=fetch_lcm_lora(models.sources),
                           compile=compile_enabled(settings.compile, models.diffusion.device),
                           compile_max_rank=settings.compile_max_rank)
 
