@@ -388,6 +388,356 @@ def save_lora_style(directory: Path, unet: Any, text_encoder: Any | None, info: 
     write_style_info(directory, info)
 
 
+@dataclass
+class _Run:
+    """Step 1's answers: what this run trains, for how long, with which prompts."""
+
+    steps: int
+    warmup: int
+    class_noun: str
+    identifier: str
+    inst_prompt: str
+    cls_prompt: str
+    fingerprint: str
+    ckpt_path: Path
+    inter_root: Path
+
+
+def _resolve_run(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig,
+                 work_dir: Path) -> _Run:
+    if prepared.resolution % models.vae_scale_factor:
+        raise ValueError(f"resolution {prepared.resolution} is not a multiple of the VAE factor "
+                         f"{models.vae_scale_factor}")
+    steps = config.resolved_steps(len(prepared))
+    class_noun = config.class_noun.strip() or "character"
+    if config.identifier:
+        ident = check_identifier(models.tokenizer, config.identifier, class_noun=class_noun)
+    else:
+        ident = choose_identifier(models.tokenizer, class_noun=class_noun)
+    return _Run(
+        steps=steps, warmup=config.resolved_warmup(steps), class_noun=class_noun, identifier=ident.text,
+        inst_prompt=instance_prompt(ident.text, class_noun, config.instance_template),
+        cls_prompt=class_prompt(class_noun, config.class_template),
+        fingerprint=_fingerprint(prepared, config, models.source, steps, ident.text),
+        ckpt_path=work_dir / CHECKPOINT_FILE, inter_root=work_dir / INTERMEDIATE_DIR,
+    )
+
+
+def _style_info(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
+                timer: _Timer, at_step: int) -> StyleInfo:
+    return StyleInfo(
+        identifier=run.identifier, class_noun=run.class_noun, instance_prompt=run.inst_prompt,
+        class_prompt=run.cls_prompt, base_model=models.source,
+        kind="full" if config.full_finetune else "lora", resolution=prepared.resolution,
+        steps=at_step, seed=config.seed, train_set_sha256=prepared.sha256,
+        rank=None if config.full_finetune else config.rank,
+        lora_alpha=None if config.full_finetune else float(config.alpha),
+        text_encoder_trained=config.train_text_encoder, num_images=len(prepared),
+        timings={k: round(v, 3) for k, v in timer.totals.items()},
+        extra={"config": dataclasses.asdict(config), "images": prepared.names,
+               "skipped": [list(s) for s in prepared.skipped], "warmup_steps": run.warmup},
+        created_at=time.time(),
+    )
+
+
+@dataclass
+class _Inputs:
+    """Step 3's answers: what every step reads (cached tensors, or pixels to re-encode)."""
+
+    prompts: list[str]  # [instance prompt, class prompt]
+    inst_prompt_idx: torch.Tensor  # image -> index into ``prompts`` (travels with the image)
+    inst_pixels: torch.Tensor
+    class_pixels: torch.Tensor | None
+    weights: torch.Tensor | None  # masked-loss weights at latent size
+    cached: dict[str, torch.Tensor]
+    scaling: float
+    shift: float
+
+
+def _encode_latent_dist(vae: Any, pixels: torch.Tensor, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in pixels.split(8):
+            dist = vae.encode(chunk.to(device, dtype=vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _cache_inputs(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
+                  class_imgs: list[Any], timer: _Timer) -> _Inputs:
+    device, vae, text_encoder = models.device, models.vae, models.text_encoder
+    latent_size = prepared.resolution // models.vae_scale_factor
+    inputs = _Inputs(
+        prompts=[run.inst_prompt, run.cls_prompt],
+        inst_prompt_idx=torch.zeros(len(prepared), dtype=torch.long),
+        inst_pixels=_to_pixels(prepared.images),
+        class_pixels=_to_pixels(class_imgs) if class_imgs else None,
+        weights=(_mask_weights(prepared.masks, latent_size, config.masked_loss_background).to(device)
+                 if config.masked_loss else None),
+        cached={}, scaling=float(vae.config.scaling_factor),
+        shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
+    )
+    if not config.cache_latents:
+        return inputs
+    cached = inputs.cached
+    with timer("cache_vae"):
+        cached["inst_mean"], cached["inst_std"] = _encode_latent_dist(vae, inputs.inst_pixels, device)
+        if inputs.class_pixels is not None:
+            cached["class_mean"], cached["class_std"] = _encode_latent_dist(vae, inputs.class_pixels,
+                                                                            device)
+    if not config.train_text_encoder:
+        with timer("cache_text"), torch.no_grad():
+            cached["embeds"] = encode_prompts(models, inputs.prompts).float()
+    if device.type != "cpu":
+        vae.to("cpu")
+        if not config.train_text_encoder:
+            text_encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return inputs
+
+
+@dataclass
+class _Trainables:
+    """Step 4's answers: the modules that train, their parameters, optimizer and schedules."""
+
+    train_unet: Any  # the resident UNet with the LoRA, or a full fp32 copy
+    te_trained: Any | None  # the text encoder when it trains (LoRA)
+    trainable: list[torch.nn.Parameter]
+    named_trainable: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+
+def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
+                    amp_dtype: torch.dtype | None) -> _Trainables:
+    unet, text_encoder, device = models.unet, models.text_encoder, models.device
+    train_unet = unet
+    te_trained: Any | None = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.full_finetune:
+            import copy
+
+            train_unet = copy.deepcopy(unet).to(device, torch.float32)
+            train_unet.requires_grad_(True)
+            unet_params = list(train_unet.parameters())
+        else:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                        init_lora_weights="gaussian",
+                                        target_modules=list(config.lora_targets)),
+                             adapter_name=ADAPTER_NAME)
+            unet.set_adapter(ADAPTER_NAME)
+            unet_params = [p for n, p in unet.named_parameters() if ADAPTER_NAME in n]
+            if config.train_text_encoder:
+                text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                                    init_lora_weights="gaussian",
+                                                    target_modules=list(TEXT_LORA_TARGETS)),
+                                         adapter_name=ADAPTER_NAME)
+                text_encoder.set_adapter(ADAPTER_NAME)
+                te_trained = text_encoder
+    te_params = ([p for n, p in text_encoder.named_parameters() if ADAPTER_NAME in n]
+                 if te_trained is not None else [])
+    for p in (*unet_params, *te_params):
+        p.requires_grad_(True)
+        if p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+    if config.gradient_checkpointing:
+        train_unet.enable_gradient_checkpointing()
+        if te_trained is not None:
+            te_trained.gradient_checkpointing_enable()
+    train_unet.train()
+    if te_trained is not None:
+        te_trained.train()
+    groups = [{"params": unet_params, "lr": config.lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr})
+    optimizer = _make_optimizer(groups, config)
+    warmup = run.warmup
+    return _Trainables(
+        train_unet=train_unet, te_trained=te_trained, trainable=[*unet_params, *te_params],
+        named_trainable=([(n, p) for n, p in train_unet.named_parameters() if p.requires_grad]
+                         + [(f"text_encoder.{n}", p) for n, p in text_encoder.named_parameters()
+                            if te_trained is not None and ADAPTER_NAME in n]),
+        optimizer=optimizer,
+        lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, warmup)),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+    )
+
+
+@dataclass
+class _LoopState:
+    """Where the loop is: saved in every checkpoint, so a resumed run continues the same stream
+    of data order, latent samples, noise and timesteps."""
+
+    gen: torch.Generator
+    order: list[int] = field(default_factory=list)
+    pos: int = 0
+    step: int = 0
+    carried_seconds: float = 0.0  # training time of earlier slices
+
+    def next_indices(self, n: int, num_images: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            if self.pos >= len(self.order):
+                self.order = torch.randperm(num_images, generator=self.gen).tolist()
+                self.pos = 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+
+def _resume(config: TrainingConfig, run: _Run, tr: _Trainables, work_dir: Path) -> _LoopState:
+    state = _LoopState(gen=torch.Generator("cpu").manual_seed(config.seed))
+    if not run.ckpt_path.is_file():
+        return state
+    saved = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
+    if saved.get("fingerprint") != run.fingerprint:
+        log.warning("ignoring a checkpoint of another run in %s", work_dir)
+        run.ckpt_path.unlink(missing_ok=True)
+        shutil.rmtree(run.inter_root, ignore_errors=True)
+        return state
+    with torch.no_grad():
+        for name, p in tr.named_trainable:
+            p.copy_(saved["trainable"][name])
+    tr.optimizer.load_state_dict(saved["optimizer"])
+    tr.lr_schedule.load_state_dict(saved["scheduler"])
+    state.gen.set_state(saved["generator"])
+    state.order, state.pos, state.step = list(saved["order"]), int(saved["pos"]), int(saved["step"])
+    state.carried_seconds = float(saved.get("seconds", 0.0))
+    if tr.scaler is not None and saved.get("scaler"):
+        tr.scaler.load_state_dict(saved["scaler"])
+    log.info("resuming training from step %d of %d", state.step, run.steps)
+    return state
+
+
+def _save_checkpoint(run: _Run, tr: _Trainables, state: _LoopState, seconds: float) -> None:
+    _save_atomic_torch({
+        "fingerprint": run.fingerprint, "step": state.step, "total": run.steps,
+        "trainable": {n: p.detach().to("cpu", copy=True) for n, p in tr.named_trainable},
+        "optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_schedule.state_dict(),
+        "generator": state.gen.get_state(), "order": state.order, "pos": state.pos,
+        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+        "seconds": state.carried_seconds + seconds,
+    }, run.ckpt_path)
+
+
+@dataclass
+class _Diffusion:
+    """The fixed pieces of the denoising objective."""
+
+    noise_scheduler: Any  # DDPMScheduler
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+
+
+def _train_step(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig,
+                inputs: _Inputs, tr: _Trainables, state: _LoopState, diff: _Diffusion, *,
+                n_class: int, autocast: Any, timer: _Timer) -> float:
+    """One optimizer step; returns its loss."""
+    device = models.device
+    step, gen, cached = state.step, state.gen, inputs.cached
+    unet_dtype = torch.float32 if config.full_finetune else models.dtype
+    with timer("data"):
+        idx = state.next_indices(config.batch_size, len(prepared))
+        cls_idx = [(step * config.batch_size + j) % n_class for j in range(config.batch_size)] \
+            if n_class else []
+    with timer("vae"):
+        if config.cache_latents:
+            mean = cached["inst_mean"][idx]
+            std = cached["inst_std"][idx]
+            if cls_idx:
+                mean = torch.cat([mean, cached["class_mean"][cls_idx]])
+                std = torch.cat([std, cached["class_std"][cls_idx]])
+        else:
+            pixels = inputs.inst_pixels[idx]
+            if cls_idx and inputs.class_pixels is not None:
+                pixels = torch.cat([pixels, inputs.class_pixels[cls_idx]])
+            mean, std = _encode_latent_dist(models.vae, pixels, device)
+        eps = torch.randn(mean.shape, generator=gen).to(device)
+        latents = ((mean + std * eps) - inputs.shift) * inputs.scaling
+    with timer("text_encoder"):
+        prompts = inputs.prompts
+        p_idx = [*inputs.inst_prompt_idx[idx].tolist(), *([1] * len(cls_idx))]
+        if tr.te_trained is not None:
+            with autocast():
+                embeds = encode_prompts(models, [prompts[i] for i in p_idx], device=device)
+        elif config.cache_latents:
+            embeds = cached["embeds"][p_idx]
+        else:
+            with torch.no_grad():
+                embeds = encode_prompts(models, [prompts[i] for i in p_idx]).float()
+    with timer("data"):
+        noise_scheduler = diff.noise_scheduler
+        noise = torch.randn(latents.shape, generator=gen)
+        if config.offset_noise:
+            noise = noise + config.offset_noise * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        noise = noise.to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = (noise_scheduler.get_velocity(latents, noise, timesteps)
+                  if diff.prediction_type == "v_prediction" else noise)
+    with timer("unet"):
+        with autocast():
+            pred = tr.train_unet(noisy.to(unet_dtype), timesteps,
+                                 encoder_hidden_states=embeds.to(unet_dtype)).sample
+        err = (pred.float() - target.float()) ** 2
+        b = config.batch_size
+        if inputs.weights is not None:
+            w = inputs.weights[idx]
+            inst_err = (err[:b] * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
+        else:
+            inst_err = err[:b].mean(dim=(1, 2, 3))
+        per_sample = torch.cat([inst_err, err[b:].mean(dim=(1, 2, 3))])
+        if config.min_snr_gamma is not None:
+            snr = _snr(diff.alphas_cumprod, timesteps)
+            clipped = torch.clamp(snr, max=config.min_snr_gamma)
+            per_sample = per_sample * (clipped / (snr + 1 if diff.prediction_type == "v_prediction"
+                                                  else snr))
+        loss = per_sample[:b].mean()
+        if cls_idx:
+            loss = loss + config.prior_loss_weight * per_sample[b:].mean()
+        scaler = tr.scaler
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+    with timer("optimizer"):
+        if scaler is not None:
+            scaler.unscale_(tr.optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(tr.trainable, config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(tr.optimizer)
+            scaler.update()
+        else:
+            tr.optimizer.step()
+        tr.lr_schedule.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return float(loss.detach())
+
+
+def _write_style(models: DiffusionModels, config: TrainingConfig, run: _Run, tr: _Trainables,
+                 info: StyleInfo, out_dir: Path, timer: _Timer) -> None:
+    with timer("save"), atomic_directory(out_dir) as tmp:
+        if config.full_finetune:
+            save_dtype = models.dtype if models.device.type != "cpu" else torch.float32
+            tr.train_unet.to(save_dtype).save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+            write_style_info(tmp, info)
+        else:
+            save_lora_style(tmp, models.unet, tr.te_trained, info)
+        if run.inter_root.is_dir():
+            shutil.move(str(run.inter_root), str(tmp / INTERMEDIATE_DIR))
+
+
 def train_style(
     models: DiffusionModels,
     prepared: PreparedSet,
@@ -406,41 +756,11 @@ def train_style(
     device = models.device
 
     # 1. resolve the run
-    if prepared.resolution % models.vae_scale_factor:
-        raise ValueError(f"resolution {prepared.resolution} is not a multiple of the VAE factor "
-                         f"{models.vae_scale_factor}")
-    steps = config.resolved_steps(len(prepared))
-    warmup = config.resolved_warmup(steps)
-    class_noun = config.class_noun.strip() or "character"
-    if config.identifier:
-        ident = check_identifier(models.tokenizer, config.identifier, class_noun=class_noun)
-    else:
-        ident = choose_identifier(models.tokenizer, class_noun=class_noun)
-    inst_prompt = instance_prompt(ident.text, class_noun, config.instance_template)
-    cls_prompt = class_prompt(class_noun, config.class_template)
-    fingerprint = _fingerprint(prepared, config, models.source, steps, ident.text)
-    ckpt_path = work_dir / CHECKPOINT_FILE
-    inter_root = work_dir / INTERMEDIATE_DIR
+    run = _resolve_run(models, prepared, config, work_dir)
+    steps = run.steps
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    def info_for(at_step: int) -> StyleInfo:
-        return StyleInfo(
-            identifier=ident.text, class_noun=class_noun, instance_prompt=inst_prompt,
-            class_prompt=cls_prompt, base_model=models.source,
-            kind="full" if config.full_finetune else "lora", resolution=prepared.resolution,
-            steps=at_step, seed=config.seed, train_set_sha256=prepared.sha256,
-            rank=None if config.full_finetune else config.rank,
-            lora_alpha=None if config.full_finetune else float(config.alpha),
-            text_encoder_trained=config.train_text_encoder, num_images=len(prepared),
-            timings={k: round(v, 3) for k, v in timer.totals.items()},
-            extra={"config": dataclasses.asdict(config), "images": prepared.names,
-                   "skipped": [list(s) for s in prepared.skipped], "warmup_steps": warmup},
-            created_at=time.time(),
-        )
-
     with _resident_models_restored(models):
-        unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
-
         # 2. class-prior images (shared cache)
         class_imgs: list[Any] = []
         class_generated = 0
@@ -448,259 +768,58 @@ def train_style(
             with timer("class_images"):
                 count = config.num_class_images or default_num_class_images(len(prepared))
                 cached_class = ensure_class_images(
-                    models, prompt=cls_prompt, count=count, cache_dir=class_cache_dir,
+                    models, prompt=run.cls_prompt, count=count, cache_dir=class_cache_dir,
                     resolution=prepared.resolution, steps=config.class_image_steps,
                     guidance=config.class_guidance)
                 class_imgs, class_generated = cached_class.images, cached_class.generated
 
         # 3. cache latent distributions and prompt embeddings
         autocast, amp_dtype = _autocast(device, config.mixed_precision)
-        scaling = float(vae.config.scaling_factor)
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        inst_pixels = _to_pixels(prepared.images)
-        class_pixels = _to_pixels(class_imgs) if class_imgs else None
-        prompts = [inst_prompt, cls_prompt]
-        # image -> index into ``prompts``: the pairing travels with the image, not the batch slot
-        inst_prompt_idx = torch.zeros(len(prepared), dtype=torch.long)
-        latent_size = prepared.resolution // models.vae_scale_factor
-        weights = (_mask_weights(prepared.masks, latent_size, config.masked_loss_background).to(device)
-                   if config.masked_loss else None)
-
-        def encode_latent_dist(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            means, stds = [], []
-            with torch.no_grad():
-                for chunk in pixels.split(8):
-                    dist = vae.encode(chunk.to(device, dtype=vae.dtype)).latent_dist
-                    means.append(dist.mean.float())
-                    stds.append(dist.std.float())
-            return torch.cat(means), torch.cat(stds)
-
-        cached: dict[str, torch.Tensor] = {}
-        if config.cache_latents:
-            with timer("cache_vae"):
-                cached["inst_mean"], cached["inst_std"] = encode_latent_dist(inst_pixels)
-                if class_pixels is not None:
-                    cached["class_mean"], cached["class_std"] = encode_latent_dist(class_pixels)
-            if not config.train_text_encoder:
-                with timer("cache_text"), torch.no_grad():
-                    cached["embeds"] = encode_prompts(models, prompts).float()
-            if device.type != "cpu":
-                vae.to("cpu")
-                if not config.train_text_encoder:
-                    text_encoder.to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        inputs = _cache_inputs(models, prepared, config, run, class_imgs, timer)
 
         # 4. trainable parameters, optimizer, schedule
         from diffusers import DDPMScheduler
 
         noise_scheduler = DDPMScheduler.from_config(models.scheduler_config)
-        prediction_type = noise_scheduler.config.prediction_type
-        alphas_cumprod = noise_scheduler.alphas_cumprod
-        train_unet = unet
-        te_trained: Any | None = None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            if config.full_finetune:
-                import copy
-
-                train_unet = copy.deepcopy(unet).to(device, torch.float32)
-                train_unet.requires_grad_(True)
-                unet_params = list(train_unet.parameters())
-            else:
-                from peft import LoraConfig
-
-                unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                            init_lora_weights="gaussian",
-                                            target_modules=list(config.lora_targets)),
-                                 adapter_name=ADAPTER_NAME)
-                unet.set_adapter(ADAPTER_NAME)
-                unet_params = [p for n, p in unet.named_parameters() if ADAPTER_NAME in n]
-                if config.train_text_encoder:
-                    text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                                        init_lora_weights="gaussian",
-                                                        target_modules=list(TEXT_LORA_TARGETS)),
-                                             adapter_name=ADAPTER_NAME)
-                    text_encoder.set_adapter(ADAPTER_NAME)
-                    te_trained = text_encoder
-        te_params = ([p for n, p in text_encoder.named_parameters() if ADAPTER_NAME in n]
-                     if te_trained is not None else [])
-        for p in (*unet_params, *te_params):
-            p.requires_grad_(True)
-            if p.dtype != torch.float32:
-                p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
-        if config.gradient_checkpointing:
-            train_unet.enable_gradient_checkpointing()
-            if te_trained is not None:
-                te_trained.gradient_checkpointing_enable()
-        train_unet.train()
-        if te_trained is not None:
-            te_trained.train()
-        groups = [{"params": unet_params, "lr": config.lr}]
-        if te_params:
-            groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr})
-        optimizer = _make_optimizer(groups, config)
-        lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_factor(s, warmup))
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        trainable = [*unet_params, *te_params]
-        named_trainable = ([(n, p) for n, p in train_unet.named_parameters() if p.requires_grad]
-                           + [(f"text_encoder.{n}", p) for n, p in text_encoder.named_parameters()
-                              if te_trained is not None and ADAPTER_NAME in n])
+        diff = _Diffusion(noise_scheduler=noise_scheduler,
+                          prediction_type=noise_scheduler.config.prediction_type,
+                          alphas_cumprod=noise_scheduler.alphas_cumprod)
+        tr = _add_trainables(models, config, run, amp_dtype)
 
         # 5. resume
-        gen = torch.Generator("cpu").manual_seed(config.seed)
-        order: list[int] = []
-        pos = 0
-        step = 0
-        carried_seconds = 0.0
-        if ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") == fingerprint:
-                with torch.no_grad():
-                    saved = state["trainable"]
-                    for name, p in named_trainable:
-                        p.copy_(saved[name])
-                optimizer.load_state_dict(state["optimizer"])
-                lr_schedule.load_state_dict(state["scheduler"])
-                gen.set_state(state["generator"])
-                order, pos, step = list(state["order"]), int(state["pos"]), int(state["step"])
-                carried_seconds = float(state.get("seconds", 0.0))
-                if scaler is not None and state.get("scaler"):
-                    scaler.load_state_dict(state["scaler"])
-                log.info("resuming training from step %d of %d", step, steps)
-            else:
-                log.warning("ignoring a checkpoint of another run in %s", work_dir)
-                ckpt_path.unlink(missing_ok=True)
-                shutil.rmtree(inter_root, ignore_errors=True)
-        resumed_from = step
+        state = _resume(config, run, tr, work_dir)
+        resumed_from = state.step
 
         def save_checkpoint() -> None:
             with timer("checkpoint"):
-                _save_atomic_torch({
-                    "fingerprint": fingerprint, "step": step, "total": steps,
-                    "trainable": {n: p.detach().to("cpu", copy=True) for n, p in named_trainable},
-                    "optimizer": optimizer.state_dict(), "scheduler": lr_schedule.state_dict(),
-                    "generator": gen.get_state(), "order": order, "pos": pos,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "seconds": carried_seconds + time.perf_counter() - started,
-                }, ckpt_path)
-
-        def discard_work() -> None:
-            ckpt_path.unlink(missing_ok=True)
-            shutil.rmtree(inter_root, ignore_errors=True)
-
-        def next_indices(n: int) -> list[int]:
-            nonlocal order, pos
-            out = []
-            for _ in range(n):
-                if pos >= len(order):
-                    order = torch.randperm(len(prepared), generator=gen).tolist()
-                    pos = 0
-                out.append(order[pos])
-                pos += 1
-            return out
+                _save_checkpoint(run, tr, state, time.perf_counter() - started)
 
         # 6. the loop
         losses: list[float] = []
         images_per_step = config.batch_size * (2 if class_imgs else 1)
         loop_start = time.perf_counter()
-        first_step = step
-        n_class = len(class_imgs)
-        unet_dtype = torch.float32 if config.full_finetune else models.dtype
+        first_step = state.step
         while True:
             request = should_stop() if should_stop is not None else None
             if request == "cancel":
-                discard_work()
+                run.ckpt_path.unlink(missing_ok=True)
+                shutil.rmtree(run.inter_root, ignore_errors=True)
                 raise CancelledError("training was cancelled")
-            if request == "yield" and step < steps:
+            if request == "yield" and state.step < steps:
                 save_checkpoint()
-                raise TrainingPreempted(step, steps)
-            if step >= steps:
+                raise TrainingPreempted(state.step, steps)
+            if state.step >= steps:
                 break
-            with timer("data"):
-                idx = next_indices(config.batch_size)
-                cls_idx = [(step * config.batch_size + j) % n_class for j in range(config.batch_size)] \
-                    if n_class else []
-            with timer("vae"):
-                if config.cache_latents:
-                    mean = cached["inst_mean"][idx]
-                    std = cached["inst_std"][idx]
-                    if cls_idx:
-                        mean = torch.cat([mean, cached["class_mean"][cls_idx]])
-                        std = torch.cat([std, cached["class_std"][cls_idx]])
-                else:
-                    pixels = inst_pixels[idx]
-                    if cls_idx and class_pixels is not None:
-                        pixels = torch.cat([pixels, class_pixels[cls_idx]])
-                    mean, std = encode_latent_dist(pixels)
-                eps = torch.randn(mean.shape, generator=gen).to(device)
-                latents = ((mean + std * eps) - shift) * scaling
-            with timer("text_encoder"):
-                p_idx = [*inst_prompt_idx[idx].tolist(), *([1] * len(cls_idx))]
-                if te_trained is not None:
-                    with autocast():
-                        embeds = encode_prompts(models, [prompts[i] for i in p_idx], device=device)
-                elif config.cache_latents:
-                    embeds = cached["embeds"][p_idx]
-                else:
-                    with torch.no_grad():
-                        embeds = encode_prompts(models, [prompts[i] for i in p_idx]).float()
-            with timer("data"):
-                noise = torch.randn(latents.shape, generator=gen)
-                if config.offset_noise:
-                    noise = noise + config.offset_noise * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-                noise = noise.to(device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                          (latents.shape[0],), generator=gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = (noise_scheduler.get_velocity(latents, noise, timesteps)
-                          if prediction_type == "v_prediction" else noise)
-            with timer("unet"):
-                with autocast():
-                    pred = train_unet(noisy.to(unet_dtype), timesteps,
-                                      encoder_hidden_states=embeds.to(unet_dtype)).sample
-                err = (pred.float() - target.float()) ** 2
-                b = config.batch_size
-                if weights is not None:
-                    w = weights[idx]
-                    inst_err = (err[:b] * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1])
-                else:
-                    inst_err = err[:b].mean(dim=(1, 2, 3))
-                per_sample = torch.cat([inst_err, err[b:].mean(dim=(1, 2, 3))])
-                if config.min_snr_gamma is not None:
-                    snr = _snr(alphas_cumprod, timesteps)
-                    clipped = torch.clamp(snr, max=config.min_snr_gamma)
-                    per_sample = per_sample * (clipped / (snr + 1 if prediction_type == "v_prediction"
-                                                          else snr))
-                loss = per_sample[:b].mean()
-                if cls_idx:
-                    loss = loss + config.prior_loss_weight * per_sample[b:].mean()
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            with timer("optimizer"):
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(float(loss.detach()))
+            losses.append(_train_step(models, prepared, config, inputs, tr, state, diff,
+                                      n_class=len(class_imgs), autocast=autocast, timer=timer))
+            step = state.step
             if step < steps and step % config.checkpoint_every == 0:
                 save_checkpoint()
             if config.save_intermediate_every and step % config.save_intermediate_every == 0 \
                     and step < steps and not config.full_finetune:
-                with timer("save"), atomic_directory(inter_root / f"step-{step}") as tmp:
-                    save_lora_style(tmp, unet, te_trained, info_for(step))
+                with timer("save"), atomic_directory(run.inter_root / f"step-{step}") as tmp:
+                    save_lora_style(tmp, models.unet, tr.te_trained,
+                                    _style_info(models, prepared, config, run, timer, step))
             if progress is not None:
                 elapsed = time.perf_counter() - loop_start
                 done = step - first_step
@@ -711,21 +830,13 @@ def train_style(
                     eta_s=(steps - step) / rate if rate > 0 else float("inf")))
 
         # 7. write the style atomically
-        total_seconds = carried_seconds + time.perf_counter() - started
+        total_seconds = state.carried_seconds + time.perf_counter() - started
         timer.totals["total"] = total_seconds
-        info = info_for(steps)
-        with timer("save"), atomic_directory(out_dir) as tmp:
-            if config.full_finetune:
-                save_dtype = models.dtype if device.type != "cpu" else torch.float32
-                train_unet.to(save_dtype).save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-                write_style_info(tmp, info)
-            else:
-                save_lora_style(tmp, unet, te_trained, info)
-            if inter_root.is_dir():
-                shutil.move(str(inter_root), str(tmp / INTERMEDIATE_DIR))
+        info = _style_info(models, prepared, config, run, timer, steps)
+        _write_style(models, config, run, tr, info, out_dir, timer)
         if config.full_finetune:
-            del train_unet
-        ckpt_path.unlink(missing_ok=True)
+            del tr.train_unet
+        run.ckpt_path.unlink(missing_ok=True)
 
     tail = losses[-10:] or [float("nan")]
     return TrainingResult(
@@ -733,7 +844,6 @@ def train_style(
         seconds=total_seconds, timings={k: round(v, 4) for k, v in timer.totals.items()},
         losses=losses, resumed_from=resumed_from, class_images_generated=class_generated,
     )
-
 
 def evaluate_denoising_loss(
     models: DiffusionModels,
