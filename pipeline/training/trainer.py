@@ -35,6 +35,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import CancelledError, TrainingPreempted
+from pipeline.memory import is_out_of_memory
 from pipeline.models import DiffusionModels
 from pipeline.stickers.prompts import (
     DEFAULT_CLASS_TEMPLATE,
@@ -54,7 +56,7 @@ from pipeline.stickers.prompts import (
     instance_prompt,
 )
 from pipeline.storage.files import atomic_directory, write_atomic_with
-from pipeline.training.class_images import base_model_only, ensure_class_images
+from pipeline.training.class_images import base_model_only, class_cache_key, ensure_class_images
 from pipeline.training.identifier import check_identifier, choose_identifier
 from pipeline.training.sticker_set import PreparedSet
 from pipeline.training.style import LORA_FILE, UNET_DIR, StyleInfo, write_style_info
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "stickerbot_train"
 CHECKPOINT_FILE = "checkpoint.pt"
+INPUTS_FILE = "inputs.pt"  # the job's cached latents and text embeddings, beside its checkpoint
 INTERMEDIATE_DIR = "intermediate"
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 # Attention plus the transformer projections, feed-forward and ResNet convolutions (as kohya's
@@ -114,7 +117,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     min_snr_gamma: float | None = None  # min-SNR loss weighting (5.0 is the paper's choice)
     offset_noise: float = 0.0  # 0.05-0.1 lets the model learn flat, very light backgrounds
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA
+    # auto: autocast to the resident weights' half type (fp16 weights: fp16 + GradScaler, bf16:
+    # bf16, fp32: none); fp16 / bf16 force one; no: never autocast
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     cache_latents: bool = True  # False re-encodes every step (the reference script's default)
     checkpoint_every: int = 100
     save_intermediate_every: int | None = None  # adapters under <style>/intermediate/step-N/
@@ -171,11 +176,12 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrainingProgress:
-    step: int
-    total: int
+    step: int  # class_images phase: images ready (-1 while another job generates them)
+    total: int  # class_images phase: images wanted
     loss: float
     images_per_s: float
     eta_s: float
+    phase: Literal["class_images", "training"] = "training"
 
 
 @dataclass
@@ -189,6 +195,10 @@ class TrainingResult:
     losses: list[float] = field(default_factory=list)  # per step of this call
     resumed_from: int = 0  # the checkpoint's step, 0 for a fresh run
     class_images_generated: int = 0  # 0 when the shared cache had them all
+    # Images through the VAE and prompts through the text encoder while setting up this call:
+    # 0 when the job's input cache (beside its checkpoint) served them, as on a resumed slice.
+    encoded_images: int = 0
+    encoded_prompts: int = 0
 
 
 # --- small pure helpers -------------------------------------------------------------------------
@@ -212,9 +222,12 @@ def _snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 
 def _fingerprint(prepared: PreparedSet, config: TrainingConfig, base_model: str, steps: int,
                  identifier: str) -> str:
-    """What a checkpoint must match to be resumed (not how often it is written)."""
+    """What a checkpoint must match to be resumed: the LoRA and what it learns from, not how
+    often it is written nor how a step fits in memory (batch size, gradient checkpointing: the
+    low-memory retry after out-of-memory resumes the same run)."""
     fields = dataclasses.asdict(config)
-    for volatile in ("checkpoint_every", "save_intermediate_every", "steps"):
+    for volatile in ("checkpoint_every", "save_intermediate_every", "steps", "batch_size",
+                     "gradient_checkpointing"):
         fields.pop(volatile)
     raw = json.dumps({"set": prepared.sha256, "config": fields, "base": base_model, "steps": steps,
                       "identifier": identifier}, sort_keys=True, default=str)
@@ -276,7 +289,9 @@ def _remove_adapter(module: Any, state: _ModuleState) -> None:
     if not config or ADAPTER_NAME not in config:
         return
     if state.had_peft and len(config) > 1:
-        delete_adapter_layers(module, ADAPTER_NAME)
+        with warnings.catch_warnings():  # "was active which is now deleted": the restore reactivates
+            warnings.simplefilter("ignore")
+            delete_adapter_layers(module, ADAPTER_NAME)
         config.pop(ADAPTER_NAME, None)
     else:
         # Nothing else was loaded: take the LoRA wrappers out entirely, so the module is the
@@ -336,13 +351,30 @@ class _Timer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
-def _autocast(device: torch.device, mode: str) -> tuple[Any, torch.dtype | None]:
-    if device.type != "cuda" or mode == "no":
-        return nullcontext, None
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+def choose_autocast(weight_dtype: torch.dtype, mode: str) -> torch.dtype | None:
+    """The autocast dtype for training on resident weights of ``weight_dtype`` (None: none).
+
+    ``auto`` follows the weights, so no op re-casts them: fp16 weights train under fp16 autocast
+    (with a GradScaler), bf16 under bf16, fp32 without autocast. Asking the hardware instead
+    (``torch.cuda.is_bf16_supported()``) says yes where bf16 is only emulated (T4, V100) and
+    re-casts fp16 weights to bf16 on every op. ``fp16`` / ``bf16`` force one; ``no`` none.
+    The trainable LoRA parameters stay fp32 in every case.
+    """
+    if mode == "no":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"mixed precision must be auto, no, fp16 or bf16, not {mode!r}")
+    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def _make_optimizer(params: list[dict[str, Any]], config: TrainingConfig) -> torch.optim.Optimizer:
@@ -446,12 +478,27 @@ class _Inputs:
 
     prompts: list[str]  # [instance prompt, class prompt]
     inst_prompt_idx: torch.Tensor  # image -> index into ``prompts`` (travels with the image)
-    inst_pixels: torch.Tensor
+    inst_pixels: torch.Tensor | None  # None when the cached latents came from the job's file
     class_pixels: torch.Tensor | None
+    n_class: int  # class-prior images (0: no prior preservation)
     weights: torch.Tensor | None  # masked-loss weights at latent size
     cached: dict[str, torch.Tensor]
     scaling: float
     shift: float
+    encoded_images: int = 0  # VAE encodes while caching (0 when read back from the job's file)
+    encoded_prompts: int = 0
+
+
+def _inputs_key(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
+                class_key: str | None, n_class: int) -> str:
+    """What the cached latents and embeddings depend on: the images' content and the model.
+    Class image ``i`` of a class-cache key is generated once from seed (key, i) and never
+    rewritten, so the key and the count stand for their content."""
+    raw = json.dumps({"set": prepared.sha256, "base": models.source, "dtype": str(models.dtype),
+                      "resolution": prepared.resolution, "prompts": [run.inst_prompt, run.cls_prompt],
+                      "class_images": [class_key, n_class],
+                      "text_cached": not config.train_text_encoder}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def _encode_latent_dist(vae: Any, pixels: torch.Tensor, device: torch.device
@@ -465,37 +512,71 @@ def _encode_latent_dist(vae: Any, pixels: torch.Tensor, device: torch.device
     return torch.cat(means), torch.cat(stds)
 
 
-def _cache_inputs(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
-                  class_imgs: list[Any], timer: _Timer) -> _Inputs:
-    device, vae, text_encoder = models.device, models.vae, models.text_encoder
+def _new_inputs(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
+                *, n_class: int, cached: dict[str, torch.Tensor], pixels: bool) -> _Inputs:
+    vae = models.vae
     latent_size = prepared.resolution // models.vae_scale_factor
-    inputs = _Inputs(
+    return _Inputs(
         prompts=[run.inst_prompt, run.cls_prompt],
         inst_prompt_idx=torch.zeros(len(prepared), dtype=torch.long),
-        inst_pixels=_to_pixels(prepared.images),
-        class_pixels=_to_pixels(class_imgs) if class_imgs else None,
-        weights=(_mask_weights(prepared.masks, latent_size, config.masked_loss_background).to(device)
-                 if config.masked_loss else None),
-        cached={}, scaling=float(vae.config.scaling_factor),
+        inst_pixels=_to_pixels(prepared.images) if pixels else None,
+        class_pixels=None, n_class=n_class,
+        weights=(_mask_weights(prepared.masks, latent_size, config.masked_loss_background)
+                 .to(models.device) if config.masked_loss else None),
+        cached=cached, scaling=float(vae.config.scaling_factor),
         shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
     )
+
+
+def _offload_frozen(models: DiffusionModels, config: TrainingConfig) -> None:
+    """With everything cached, the VAE (and a frozen text encoder) leave the accelerator while
+    the UNet trains; the context manager around training puts them back."""
+    if models.device.type == "cpu":
+        return
+    models.vae.to("cpu")
+    if not config.train_text_encoder:
+        models.text_encoder.to("cpu")
+    if models.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _load_inputs(path: Path, key: str, models: DiffusionModels, prepared: PreparedSet,
+                 config: TrainingConfig, run: _Run) -> _Inputs | None:
+    """The latents and embeddings an earlier slice of this job cached, if they match ``key``."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location=models.device, weights_only=True)
+    except Exception as exc:  # a damaged cache file is re-made, not fatal
+        log.warning("ignoring the unreadable input cache %s (%s)", path, exc.__class__.__name__)
+        return None
+    if saved.get("key") != key:
+        return None
+    return _new_inputs(models, prepared, config, run, n_class=int(saved["n_class"]),
+                       cached=dict(saved["cached"]), pixels=False)
+
+
+def _cache_inputs(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
+                  class_imgs: list[Any], timer: _Timer) -> _Inputs:
+    device = models.device
+    inputs = _new_inputs(models, prepared, config, run, n_class=len(class_imgs), cached={}, pixels=True)
+    inputs.class_pixels = _to_pixels(class_imgs) if class_imgs else None
     if not config.cache_latents:
         return inputs
     cached = inputs.cached
+    assert inputs.inst_pixels is not None  # built just above with pixels=True
     with timer("cache_vae"):
-        cached["inst_mean"], cached["inst_std"] = _encode_latent_dist(vae, inputs.inst_pixels, device)
+        cached["inst_mean"], cached["inst_std"] = _encode_latent_dist(models.vae, inputs.inst_pixels, device)
+        inputs.encoded_images += len(inputs.inst_pixels)
         if inputs.class_pixels is not None:
-            cached["class_mean"], cached["class_std"] = _encode_latent_dist(vae, inputs.class_pixels,
+            cached["class_mean"], cached["class_std"] = _encode_latent_dist(models.vae, inputs.class_pixels,
                                                                             device)
+            inputs.encoded_images += len(inputs.class_pixels)
     if not config.train_text_encoder:
         with timer("cache_text"), torch.no_grad():
             cached["embeds"] = encode_prompts(models, inputs.prompts).float()
-    if device.type != "cpu":
-        vae.to("cpu")
-        if not config.train_text_encoder:
-            text_encoder.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            inputs.encoded_prompts += len(inputs.prompts)
+    _offload_frozen(models, config)
     return inputs
 
 
@@ -517,7 +598,7 @@ def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
     unet, text_encoder, device = models.unet, models.text_encoder, models.device
     train_unet = unet
     te_trained: Any | None = None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(config.seed)
         if config.full_finetune:
             import copy
@@ -528,6 +609,8 @@ def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
         else:
             from peft import LoraConfig
 
+            # Beside the worker's serving adapters (switched off while this one trains): by design.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
                                         init_lora_weights="gaussian",
                                         target_modules=list(config.lora_targets)),
@@ -566,7 +649,7 @@ def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
                             if te_trained is not None and ADAPTER_NAME in n]),
         optimizer=optimizer,
         lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, warmup)),
-        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        scaler=torch.amp.GradScaler(models.device.type) if amp_dtype == torch.float16 else None,
     )
 
 
@@ -580,6 +663,15 @@ class _LoopState:
     pos: int = 0
     step: int = 0
     carried_seconds: float = 0.0  # training time of earlier slices
+    updating: bool = False  # inside the optimizer update of a step
+
+    def snapshot(self) -> tuple[torch.Tensor, list[int], int]:
+        return self.gen.get_state(), list(self.order), self.pos
+
+    def rewind(self, snap: tuple[torch.Tensor, list[int], int]) -> None:
+        """Back to the start of the step ``snap`` was taken at (before it drew any number)."""
+        self.gen.set_state(snap[0])
+        self.order, self.pos = list(snap[1]), snap[2]
 
     def next_indices(self, n: int, num_images: int) -> list[int]:
         out = []
@@ -638,11 +730,12 @@ class _Diffusion:
 
 def _train_step(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig,
                 inputs: _Inputs, tr: _Trainables, state: _LoopState, diff: _Diffusion, *,
-                n_class: int, autocast: Any, timer: _Timer) -> float:
+                autocast: Any, timer: _Timer) -> float:
     """One optimizer step; returns its loss."""
     device = models.device
     step, gen, cached = state.step, state.gen, inputs.cached
     unet_dtype = torch.float32 if config.full_finetune else models.dtype
+    n_class = inputs.n_class
     with timer("data"):
         idx = state.next_indices(config.batch_size, len(prepared))
         cls_idx = [(step * config.batch_size + j) % n_class for j in range(config.batch_size)] \
@@ -655,6 +748,9 @@ def _train_step(models: DiffusionModels, prepared: PreparedSet, config: Training
                 mean = torch.cat([mean, cached["class_mean"][cls_idx]])
                 std = torch.cat([std, cached["class_std"][cls_idx]])
         else:
+            if inputs.inst_pixels is None:
+                raise RuntimeError("re-encoding every step needs the pixels; the input cache "
+                                   "serves cache_latents runs only")
             pixels = inputs.inst_pixels[idx]
             if cls_idx and inputs.class_pixels is not None:
                 pixels = torch.cat([pixels, inputs.class_pixels[cls_idx]])
@@ -710,6 +806,7 @@ def _train_step(models: DiffusionModels, prepared: PreparedSet, config: Training
         else:
             loss.backward()
     with timer("optimizer"):
+        state.updating = True  # from here an out-of-memory error may leave a half-made update
         if scaler is not None:
             scaler.unscale_(tr.optimizer)
         if config.max_grad_norm:
@@ -721,6 +818,7 @@ def _train_step(models: DiffusionModels, prepared: PreparedSet, config: Training
             tr.optimizer.step()
         tr.lr_schedule.step()
         tr.optimizer.zero_grad(set_to_none=True)
+    state.updating = False
     state.step += 1
     return float(loss.detach())
 
@@ -748,8 +846,12 @@ def train_style(
     class_cache_dir: Path,
     progress: Callable[[TrainingProgress], None] | None = None,
     should_stop: Callable[[], StopRequest] | None = None,
+    on_step_start: Callable[[int], None] | None = None,
 ) -> TrainingResult:
-    """Train a style on ``prepared`` and write it to ``out_dir`` (see the module docstring)."""
+    """Train a style on ``prepared`` and write it to ``out_dir`` (see the module docstring).
+
+    ``on_step_start(step)`` runs at the start of every step, inside the step's out-of-memory
+    guard (the worker's fault injection raises there)."""
     started = time.perf_counter()
     timer = _Timer()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -759,23 +861,45 @@ def train_style(
     run = _resolve_run(models, prepared, config, work_dir)
     steps = run.steps
     work_dir.mkdir(parents=True, exist_ok=True)
+    n_class = ((config.num_class_images or default_num_class_images(len(prepared)))
+               if config.with_prior_preservation else 0)
+    class_key = class_cache_key(base_model=models.source, prompt=run.cls_prompt,
+                                resolution=prepared.resolution, steps=config.class_image_steps,
+                                guidance=config.class_guidance) if n_class else None
+    inputs_path = work_dir / INPUTS_FILE
+    inputs_key = _inputs_key(models, prepared, config, run, class_key, n_class)
+
+    def on_class_progress(ready: int, wanted: int) -> None:
+        if progress is not None:
+            progress(TrainingProgress(step=ready, total=wanted, loss=float("nan"), images_per_s=0.0,
+                                      eta_s=float("inf"), phase="class_images"))
 
     with _resident_models_restored(models):
-        # 2. class-prior images (shared cache)
-        class_imgs: list[Any] = []
+        # 2. and 3. a resumed slice reads its latents and embeddings back from the job's file;
+        # a first one gets the class-prior images (shared cache, a preemptible phase) and encodes
+        inputs = _load_inputs(inputs_path, inputs_key, models, prepared, config, run) \
+            if config.cache_latents else None
         class_generated = 0
-        if config.with_prior_preservation:
-            with timer("class_images"):
-                count = config.num_class_images or default_num_class_images(len(prepared))
-                cached_class = ensure_class_images(
-                    models, prompt=run.cls_prompt, count=count, cache_dir=class_cache_dir,
-                    resolution=prepared.resolution, steps=config.class_image_steps,
-                    guidance=config.class_guidance)
-                class_imgs, class_generated = cached_class.images, cached_class.generated
-
-        # 3. cache latent distributions and prompt embeddings
-        autocast, amp_dtype = _autocast(device, config.mixed_precision)
-        inputs = _cache_inputs(models, prepared, config, run, class_imgs, timer)
+        if inputs is not None:
+            _offload_frozen(models, config)
+        else:
+            class_imgs: list[Any] = []
+            if n_class:
+                with timer("class_images"):
+                    cached_class = ensure_class_images(
+                        models, prompt=run.cls_prompt, count=n_class, cache_dir=class_cache_dir,
+                        resolution=prepared.resolution, steps=config.class_image_steps,
+                        guidance=config.class_guidance, should_stop=should_stop,
+                        progress=on_class_progress)
+                    class_imgs, class_generated = cached_class.images, cached_class.generated
+            inputs = _cache_inputs(models, prepared, config, run, class_imgs, timer)
+            if config.cache_latents:
+                with timer("checkpoint"):
+                    _save_atomic_torch({"key": inputs_key, "n_class": inputs.n_class,
+                                        "cached": {k: v.to("cpu") for k, v in inputs.cached.items()}},
+                                       inputs_path)
+        amp_dtype = choose_autocast(models.dtype, config.mixed_precision)
+        autocast = _autocast(device, amp_dtype)
 
         # 4. trainable parameters, optimizer, schedule
         from diffusers import DDPMScheduler
@@ -796,13 +920,14 @@ def train_style(
 
         # 6. the loop
         losses: list[float] = []
-        images_per_step = config.batch_size * (2 if class_imgs else 1)
+        images_per_step = config.batch_size * (2 if inputs.n_class else 1)
         loop_start = time.perf_counter()
         first_step = state.step
         while True:
             request = should_stop() if should_stop is not None else None
             if request == "cancel":
                 run.ckpt_path.unlink(missing_ok=True)
+                inputs_path.unlink(missing_ok=True)
                 shutil.rmtree(run.inter_root, ignore_errors=True)
                 raise CancelledError("training was cancelled")
             if request == "yield" and state.step < steps:
@@ -810,8 +935,24 @@ def train_style(
                 raise TrainingPreempted(state.step, steps)
             if state.step >= steps:
                 break
-            losses.append(_train_step(models, prepared, config, inputs, tr, state, diff,
-                                      n_class=len(class_imgs), autocast=autocast, timer=timer))
+            snap = state.snapshot()
+            try:
+                if on_step_start is not None:
+                    on_step_start(state.step)
+                losses.append(_train_step(models, prepared, config, inputs, tr, state, diff,
+                                          autocast=autocast, timer=timer))
+            except Exception as exc:
+                if is_out_of_memory(exc) and not state.updating:
+                    # The weights are those of the step's start: checkpoint exactly there, so the
+                    # low-memory retry goes on from this step, not from the last periodic save.
+                    tr.optimizer.zero_grad(set_to_none=True)
+                    state.rewind(snap)
+                    try:
+                        save_checkpoint()
+                        log.info("out of memory at step %d; checkpointed there", state.step)
+                    except Exception as save_exc:  # memory is short: the periodic one must do
+                        log.warning("no checkpoint after out-of-memory (%s)", save_exc)
+                raise
             step = state.step
             if step < steps and step % config.checkpoint_every == 0:
                 save_checkpoint()
@@ -837,13 +978,16 @@ def train_style(
         if config.full_finetune:
             del tr.train_unet
         run.ckpt_path.unlink(missing_ok=True)
+        inputs_path.unlink(missing_ok=True)
 
     tail = losses[-10:] or [float("nan")]
     return TrainingResult(
         style_dir=out_dir, info=info, loss=float(sum(tail) / len(tail)), steps=steps,
         seconds=total_seconds, timings={k: round(v, 4) for k, v in timer.totals.items()},
         losses=losses, resumed_from=resumed_from, class_images_generated=class_generated,
+        encoded_images=inputs.encoded_images, encoded_prompts=inputs.encoded_prompts,
     )
+
 
 def evaluate_denoising_loss(
     models: DiffusionModels,
