@@ -141,28 +141,31 @@ def ensure_class_images(
             ready = count - len(missing)
             if progress is not None:
                 progress(ready, count)
-            with base_model_only(models.unet, models.text_encoder), torch.inference_mode():
-                for start in range(0, len(missing), batch_size):
-                    # At least one image per run: a steady stream of stickers slows this phase
-                    # down but cannot starve it.
-                    _check_stop(should_stop, ready, count, may_yield=generated > 0)
-                    chunk = missing[start:start + batch_size]
-                    generators = [torch.Generator("cpu").manual_seed(seed_base + i) for i in chunk]
-                    out = pipe(
-                        [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk)
-                        if negative_prompt else None, height=resolution, width=resolution,
-                        num_inference_steps=steps, guidance_scale=guidance,
-                        generator=generators, output_type="pil",
-                    )
-                    for i, img in zip(chunk, out.images, strict=True):
-                        buf = io.BytesIO()
-                        img.convert("RGB").save(buf, format="PNG")
-                        write_atomic(directory / names[i], buf.getvalue())
-                    generated += len(chunk)
-                    ready += len(chunk)
-                    if progress is not None:
-                        progress(ready, count)
-            log.info("generated %d class images for %r in %s", generated, prompt, directory)
+            try:
+                with base_model_only(models.unet, models.text_encoder), torch.inference_mode():
+                    for start in range(0, len(missing), batch_size):
+                        # At least one image per run: a steady stream of stickers slows this phase
+                        # down but cannot starve it.
+                        _check_stop(should_stop, ready, count, may_yield=generated > 0)
+                        chunk = missing[start:start + batch_size]
+                        generators = [torch.Generator("cpu").manual_seed(seed_base + i) for i in chunk]
+                        out = pipe(
+                            [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk)
+                            if negative_prompt else None, height=resolution, width=resolution,
+                            num_inference_steps=steps, guidance_scale=guidance,
+                            generator=generators, output_type="pil",
+                        )
+                        for i, img in zip(chunk, out.images, strict=True):
+                            buf = io.BytesIO()
+                            img.convert("RGB").save(buf, format="PNG")
+                            write_atomic(directory / names[i], buf.getvalue())
+                        generated += len(chunk)
+                        ready += len(chunk)
+                        if progress is not None:
+                            progress(ready, count)
+            finally:  # also when the phase stops early: the images made are cached
+                log.info("generated %d class images for %r in %s (%d/%d ready)", generated, prompt,
+                         directory, ready, count)
         images = []
         for name in names:
             with Image.open(directory / name) as img:
