@@ -191,18 +191,30 @@ def test_a_sticker_after_a_training_slice_keeps_its_adapter_and_the_slice_resume
                                          "seed": 1, "variants": 1})
     train = job(JobKind.TRAIN, "t1", {"style_id": "new", "images": images, "class_noun": "cat", "steps": 6})
     generator = resident.stickers.generator
-    run_job(sticker, resident, should_stop=lambda: None, progress=lambda f, m: None)
+
+    def draw() -> np.ndarray:
+        from PIL import Image
+
+        result = run_job(sticker, resident, should_stop=lambda: None, progress=lambda f, m: None)
+        with Image.open(data.resolve(result["stickers"][0]["path"])) as img:
+            return np.asarray(img.convert("RGBA"), dtype=np.int16)
+
+    before = draw()
     assert generator.loads == 1
     messages: list[str] = []
     with pytest.raises(TrainingPreempted):
         run_job(train, resident, progress=lambda f, m: messages.append(m),
                 should_stop=lambda: "yield" if sum(m.startswith("step") for m in messages) >= 2 else None)
     assert [m for m in messages if m.startswith("class images")] == [f"class images {i}/4" for i in range(5)]
-    run_job(sticker, resident, should_stop=lambda: None, progress=lambda f, m: None)
+    unet = resident.models.diffusion.unet
+    assert "stickerbot_train" in unet.peft_config  # kept, switched off, for the next slice
+    after = draw()
     assert generator.loads == 1  # the style stayed loaded through the training slice
+    assert np.abs(after - before).max() <= 2  # and draws as before: the kept adapter is off
     result = run_job(train, resident, should_stop=lambda: None, progress=lambda f, m: None)
     assert result["resumed_from"] == 2
     counts = (result["encoded_images"], result["encoded_prompts"], result["class_images_generated"])
     assert counts == (0, 0, 0)
-    run_job(sticker, resident, should_stop=lambda: None, progress=lambda f, m: None)
+    assert "stickerbot_train" not in unet.peft_config  # gone once the style is written
+    draw()
     assert generator.loads == 1

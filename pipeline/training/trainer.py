@@ -302,10 +302,27 @@ def _remove_adapter(module: Any, state: _ModuleState) -> None:
         module._hf_peft_config_loaded = None if not state.had_peft else False
 
 
-def _restore(module: Any, state: _ModuleState) -> None:
-    _remove_adapter(module, state)
+def _training_layers(module: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)
+            and ADAPTER_NAME in getattr(m, "lora_A", {})]
+
+
+def _restore(module: Any, state: _ModuleState, *, keep_adapter: bool = False) -> None:
+    """Put ``module`` back as ``state`` found it. With ``keep_adapter`` (a preempted slice) the
+    training adapter stays loaded but switched off, beside the serving adapters, for the next
+    slice of the same run to switch back on."""
+    before = {id(layer) for layer, _, _ in state.lora_layers}
+    if keep_adapter:
+        for layer in _training_layers(module):
+            if id(layer) not in before:  # a layer only the training adapter uses
+                layer.enable_adapters(False)
+    else:
+        _remove_adapter(module, state)
     # adapters the worker had loaded (served styles): the same ones active or disabled as before
     for layer, active, disabled in state.lora_layers:
+        active = active if keep_adapter else [a for a in active if a != ADAPTER_NAME]
         if active:
             layer.set_adapter(active)
         layer.enable_adapters(not disabled)
@@ -319,20 +336,54 @@ def _restore(module: Any, state: _ModuleState) -> None:
     for name, flag in state.requires_grad.items():
         if name in params:
             params[name].requires_grad_(flag)
+    if keep_adapter:
+        for name, p in params.items():
+            if ADAPTER_NAME in name:
+                p.requires_grad_(False)
     module.train(state.training)
 
 
 @contextmanager
-def _resident_models_restored(models: DiffusionModels) -> Iterator[None]:
+def _resident_models_restored(models: DiffusionModels, *, keep_unet_adapter: bool) -> Iterator[None]:
+    """Leave the resident models exactly as found; a preempted slice of a run that may keep its
+    UNet adapter (``keep_unet_adapter``) leaves it loaded and switched off for the next slice."""
     modules = (models.unet, models.vae, models.text_encoder)
     states = [_module_state(m) for m in modules]
+    keep = False
     try:
         yield
+    except TrainingPreempted:
+        keep = keep_unet_adapter
+        raise
     finally:
         for module, state in zip(modules, states, strict=True):
-            _restore(module, state)
+            _restore(module, state, keep_adapter=keep and module is models.unet)
+        if keep:
+            models.unet._stickerbot_kept_run = getattr(models.unet, "_stickerbot_train_run", None)
         if models.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _take_kept_adapter(models: DiffusionModels, run: _Run) -> bool:
+    """Whether the UNet holds this run's adapter from its previous slice (then it is switched
+    back on instead of added again). A kept adapter of another run (its job was cancelled while
+    it waited, or failed elsewhere) is deleted here, before the models' state is recorded."""
+    unet = models.unet
+    config = getattr(unet, "peft_config", None) or {}
+    if ADAPTER_NAME not in config:
+        return False
+    kept = getattr(unet, "_stickerbot_kept_run", None)
+    unet._stickerbot_kept_run = None
+    if kept == run.fingerprint and run.ckpt_path.is_file():
+        return True
+    state = _module_state(unet)
+    _remove_adapter(unet, state)
+    for layer, active, disabled in state.lora_layers:
+        active = [a for a in active if a != ADAPTER_NAME]
+        if active:
+            layer.set_adapter(active)
+        layer.enable_adapters(not disabled)
+    return False
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -594,7 +645,7 @@ class _Trainables:
 
 
 def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
-                    amp_dtype: torch.dtype | None) -> _Trainables:
+                    amp_dtype: torch.dtype | None, *, reuse_unet_adapter: bool = False) -> _Trainables:
     unet, text_encoder, device = models.unet, models.text_encoder, models.device
     train_unet = unet
     te_trained: Any | None = None
@@ -609,13 +660,20 @@ def _add_trainables(models: DiffusionModels, config: TrainingConfig, run: _Run,
         else:
             from peft import LoraConfig
 
-            # Beside the worker's serving adapters (switched off while this one trains): by design.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                        init_lora_weights="gaussian",
-                                        target_modules=list(config.lora_targets)),
-                             adapter_name=ADAPTER_NAME)
+            if reuse_unet_adapter:
+                # The previous slice's adapter, switched off meanwhile: on again (the checkpoint
+                # then sets its weights, as it would for a new one).
+                for layer in _training_layers(unet):
+                    layer.enable_adapters(True)
+            else:
+                # Beside the worker's serving adapters (switched off while this one trains).
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                            init_lora_weights="gaussian",
+                                            target_modules=list(config.lora_targets)),
+                                 adapter_name=ADAPTER_NAME)
             unet.set_adapter(ADAPTER_NAME)
+            unet._stickerbot_train_run = run.fingerprint
             unet_params = [p for n, p in unet.named_parameters() if ADAPTER_NAME in n]
             if config.train_text_encoder:
                 text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha,
@@ -874,7 +932,10 @@ def train_style(
             progress(TrainingProgress(step=ready, total=wanted, loss=float("nan"), images_per_s=0.0,
                                       eta_s=float("inf"), phase="class_images"))
 
-    with _resident_models_restored(models):
+    # A LoRA of the UNet alone can stay loaded between slices (a text-encoder one is re-added).
+    keep_adapter = not config.full_finetune and not config.train_text_encoder
+    reuse_adapter = _take_kept_adapter(models, run) and keep_adapter
+    with _resident_models_restored(models, keep_unet_adapter=keep_adapter):
         # 2. and 3. a resumed slice reads its latents and embeddings back from the job's file;
         # a first one gets the class-prior images (shared cache, a preemptible phase) and encodes
         inputs = _load_inputs(inputs_path, inputs_key, models, prepared, config, run) \
@@ -908,7 +969,7 @@ def train_style(
         diff = _Diffusion(noise_scheduler=noise_scheduler,
                           prediction_type=noise_scheduler.config.prediction_type,
                           alphas_cumprod=noise_scheduler.alphas_cumprod)
-        tr = _add_trainables(models, config, run, amp_dtype)
+        tr = _add_trainables(models, config, run, amp_dtype, reuse_unet_adapter=reuse_adapter)
 
         # 5. resume
         state = _resume(config, run, tr, work_dir)
