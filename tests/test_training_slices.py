@@ -128,6 +128,21 @@ def test_class_images_stop_between_images_and_resume_where_they_stopped(
     with pytest.raises(CancelledError):
         ensure_class_images(models, should_stop=lambda: "cancel", **{**kwargs, "count": 8})
     assert not (cache / done.directory.name / "0005.png").exists()
+    # a request that arrives while an image is drawn stops it at the next sampler step
+    seen.clear()
+    calls: list[int] = []
+
+    def cancel_inside_second_image() -> str | None:
+        calls.append(len(seen))  # len(seen) == 2 while the second image is made
+        return "cancel" if calls.count(2) >= 2 else None  # its first sampler step
+
+    dog = {**kwargs, "prompt": "a dog"}
+    with pytest.raises(CancelledError):
+        ensure_class_images(models, progress=lambda a, b: seen.append((a, b)),
+                            should_stop=cancel_inside_second_image, **dog)
+    assert seen == [(0, 5), (1, 5)] and calls.count(2) == 2  # no sampler step after the request
+    kept = ensure_class_images(models, **dog)
+    assert kept.generated == 4  # one image was cached, the half-drawn one was not
 
 
 def test_out_of_memory_mid_training_checkpoints_there_and_low_memory_resumes(

@@ -83,6 +83,14 @@ ClassProgress = Callable[[int, int], None]  # (images ready, images wanted)
 StopCheck = Callable[[], Literal["cancel", "yield"] | None]
 
 
+class _StopInsideImage(Exception):
+    """Raised from the sampler's step callback: a stop request arrived mid-image."""
+
+    def __init__(self, request: str) -> None:
+        super().__init__(request)
+        self.request = request
+
+
 def _check_stop(should_stop: StopCheck | None, done: int, count: int, *, may_yield: bool = True) -> None:
     request = should_stop() if should_stop is not None else None
     if request == "cancel":
@@ -109,11 +117,12 @@ def ensure_class_images(
     """``count`` class images for ``prompt``, generating only those the cache lacks.
 
     A preemptible phase: each image (or batch of ``batch_size``) is written to the cache as
-    soon as it is made, ``should_stop`` is asked before each one (``"yield"`` raises
-    TrainingPreempted, ``"cancel"`` CancelledError; the images made so far stay cached for
-    the next run, whoever's it is), and ``progress(ready, count)`` follows each image. While
-    another process generates the same key, the wait reports ``progress(-1, count)`` and still
-    honours ``should_stop``.
+    soon as it is made; ``should_stop`` is asked before each image and between its sampler
+    steps (``"yield"`` raises TrainingPreempted, ``"cancel"`` CancelledError; an image stopped
+    half-way is dropped, the images made so far stay cached for the next run, whoever's it is;
+    each run makes at least one image before it yields); ``progress(ready, count)`` follows
+    each image. While another process generates the same key, the wait reports
+    ``progress(-1, count)`` and still honours ``should_stop``.
     """
     resolution = resolution or models.resolution
     key = class_cache_key(base_model=models.source, prompt=prompt, resolution=resolution,
@@ -149,12 +158,29 @@ def ensure_class_images(
                         _check_stop(should_stop, ready, count, may_yield=generated > 0)
                         chunk = missing[start:start + batch_size]
                         generators = [torch.Generator("cpu").manual_seed(seed_base + i) for i in chunk]
-                        out = pipe(
-                            [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk)
-                            if negative_prompt else None, height=resolution, width=resolution,
-                            num_inference_steps=steps, guidance_scale=guidance,
-                            generator=generators, output_type="pil",
-                        )
+                        may_yield = generated > 0
+
+                        def between_steps(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any],
+                                          may_yield: bool = may_yield) -> dict[str, Any]:
+                            # A stop request also ends the image in progress (its partial work is
+                            # dropped): a sticker waits one sampler step, not one image.
+                            request = should_stop() if should_stop is not None else None
+                            if request == "cancel" or (request == "yield" and may_yield):
+                                raise _StopInsideImage(request)
+                            return kwargs
+
+                        try:
+                            out = pipe(
+                                [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk)
+                                if negative_prompt else None, height=resolution, width=resolution,
+                                num_inference_steps=steps, guidance_scale=guidance,
+                                generator=generators, output_type="pil",
+                                callback_on_step_end=between_steps if should_stop is not None else None,
+                            )
+                        except _StopInsideImage as stop:
+                            if stop.request == "cancel":
+                                raise CancelledError("cancelled while generating class images") from None
+                            raise TrainingPreempted(0, 0, detail=f"class images {ready}/{count}") from None
                         for i, img in zip(chunk, out.images, strict=True):
                             buf = io.BytesIO()
                             img.convert("RGB").save(buf, format="PNG")
