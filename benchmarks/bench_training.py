@@ -340,8 +340,9 @@ def _slices(root: Path) -> None:
     photo = data.put_blob(sticker_files(1, seed=9, size=80)[0][1], suffix=".png")[0]
     images = [data.put_blob(png, suffix=".png")[0] for _, png in sticker_files(4, seed=0, size=80)]
     print(f"training slices on one in-process worker: tiny preset, CPU, 64 px, 4 images, 40 class "
-          f"images (the sd15 rule for 4 images), {SLICE_STEPS} steps, {N_STICKERS} stickers; "
-          "'before' reproduces unload_all + re-encoding at every slice")
+          f"images (the sd15 rule for 4 images), {SLICE_STEPS} steps, {N_STICKERS} stickers. 'before' "
+          "reproduces the old slice costs (unload_all + re-encoding at every slice); the old "
+          "class-image phase could not be preempted at all (a sticker waited for all 40 images)")
     figures = {}
     for old in (True, False):
         figures["before" if old else "after"] = asyncio.run(
