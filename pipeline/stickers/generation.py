@@ -275,8 +275,8 @@ class StickerGenerator:
 
     def unload_all(self) -> None:
         """Remove every adapter from the resident UNet and text encoder (and drop fine-tuned
-        UNets), restoring the bare base modules. Call before another user of the same modules
-        (the trainer) adds its own adapter; the cache refills lazily afterwards."""
+        UNets), restoring the bare base modules; the cache refills lazily afterwards. The trainer
+        does not need it: it adds its adapter beside these and leaves them as it found them."""
         with self._lock:
             if self._loaded_names():
                 self.pipe.unload_lora_weights()
