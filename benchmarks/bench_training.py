@@ -1,6 +1,8 @@
 """Trainer throughput: cached latents + embeddings vs re-encoding every step (what the reference
 diffusers DreamBooth script does by default), on the same tiny model in one run; the time split
-per phase; peak RSS; and, when CUDA is present, SD 1.5-sized training at 512 px, batch 1.
+per phase; peak RSS; training slices on one worker (slice overhead, sticker waits during the
+class-image and training phases, wall time with stickers arriving; before vs after); and, when
+CUDA is present, SD 1.5-sized training at 512 px, batch 1.
 
 The tiny model's VAE is small next to SD 1.5's (where encoding a 512-px image costs about as much
 as a UNet forward), so the CPU ratio understates what caching saves on the real model.
@@ -148,6 +150,216 @@ def _gpu_sd15(root: Path) -> None:
               f"(whole call {time.perf_counter() - start:.1f} s)")
 
 
+
+# --- training slices on one worker: preemption costs, sticker waits, wall time ----------------
+
+SLICE_STEPS = 30  # training steps of the wall-time runs
+N_STICKERS = 5
+
+
+def _bench_worker_class():  # -> type[Worker]
+    """The real worker, instrumented: claim -> first new step of every resumed training run.
+    With ``old=True`` it reproduces the behaviour before training slices: every serving adapter
+    unloaded before training (the next sticker reloads its style from disk) and the job's cached
+    latents and embeddings dropped, so each slice re-reads the class images and re-encodes."""
+    from pipeline.jobs import checkpoint_dir
+    from pipeline.queue.base import JobKind
+    from pipeline.training.trainer import CHECKPOINT_FILE, INPUTS_FILE
+    from pipeline.worker import Worker
+
+    class BenchWorker(Worker):
+        def __init__(self, *args: Any, old: bool, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.old = old
+            self.overheads: list[float] = []  # seconds from a resumed run's claim to its first new step
+            self.step_times: list[float] = []  # seconds between consecutive steps within a slice
+            self._claimed: float | None = None
+            self._last_step: float | None = None
+
+        async def run_claimed(self, job: Any) -> Any:
+            ckpt = checkpoint_dir(self.data, job.id) / CHECKPOINT_FILE
+            resumed = job.kind == JobKind.TRAIN and ckpt.is_file()
+            self._claimed = time.perf_counter() if resumed else None
+            self._last_step = None
+            return await super().run_claimed(job)
+
+        def _on_progress(self, fraction: float, message: str) -> None:
+            if message.startswith("step"):
+                now = time.perf_counter()
+                if self._claimed is not None:
+                    self.overheads.append(now - self._claimed)
+                    self._claimed = None
+                elif self._last_step is not None:
+                    self.step_times.append(now - self._last_step)
+                self._last_step = now
+            super()._on_progress(fraction, message)
+
+        def _execute(self, job: Any, low_memory: bool) -> dict[str, Any]:
+            if self.old and job.kind == JobKind.TRAIN and self.resident is not None:
+                self.resident.stickers.generator.unload_all()
+                (checkpoint_dir(self.data, job.id) / INPUTS_FILE).unlink(missing_ok=True)
+            return super()._execute(job, low_memory)
+
+    return BenchWorker
+
+
+async def _slices_mode(resident: Any, data: Any, root: Path, *, old: bool, images: list[str],
+                       photo: str) -> dict[str, Any]:
+    import asyncio
+
+    from pipeline.queue.base import JobKind
+    from pipeline.queue.sqlite import SqliteJobQueue
+
+    tag = "before" if old else "after"
+    q = await SqliteJobQueue.open(root / f"{tag}.sqlite3", max_queued_per_user=1000, stickers_per_day=100_000)
+    worker = _bench_worker_class()(q, resident, data=data, old=old, lease_seconds=60.0, preempt_poll=0.02,
+                                   progress_every=0.0)
+    task = asyncio.create_task(worker.run())
+    sticker_payload = {"style_id": "ready", "style_dir": "styles/ready", "photo": photo, "seed": 1,
+                       "variants": 1}
+    generator = resident.stickers.generator
+    loads_before = generator.loads
+
+    async def job(job_id: str) -> Any:
+        current = await q.get(job_id)
+        assert current is not None
+        return current
+
+    async def wait_until(check: Any, what: str, within: float = 600.0) -> Any:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            value = await check()
+            if value:
+                return value
+            await asyncio.sleep(0.01)
+        raise TimeoutError(what)
+
+    async def finished(job_id: str) -> Any:
+        return await wait_until(lambda: _done(job_id), f"job {job_id}")
+
+    async def _done(job_id: str) -> Any:
+        current = await job(job_id)
+        return current if current.state.finished else None
+
+    async def sticker() -> Any:
+        s = await q.submit(JobKind.STICKER, 2, sticker_payload)
+        return await finished(s.id)
+
+    try:
+        # 1. stickers on an idle worker
+        idle = [await sticker() for _ in range(4)][1:]  # the first one loads the style
+        idle_latency = float(np.median([s.finished_at - s.created_at for s in idle]))
+
+        # 2. a sticker during the class-image phase (the real preset's count for 4 images: 40)
+        train = await q.submit(JobKind.TRAIN, 1, {"style_id": f"{tag}-class", "images": images,
+                                                  "class_noun": f"{tag}cat", "steps": 12, "seed": 1,
+                                                  "class_images": 40})
+        marks: list[tuple[int, float]] = []
+
+        async def class_phase() -> bool:
+            msg = (await job(train.id)).progress_message or ""
+            if msg.startswith("class images ") and "/" in msg and ":" not in msg:
+                k = int(msg.split()[2].split("/")[0])
+                if not marks or marks[-1][0] != k:
+                    marks.append((k, time.perf_counter()))
+                return k >= 3
+            return False
+
+        during_class = []
+        for _ in range(2):  # two stickers, some images apart
+            await wait_until(class_phase, "the class-image phase")
+            during_class.append(await sticker())
+            await wait_until(class_phase_done_marks(job, train.id, marks), "more class images")
+        per_image = (marks[-1][1] - marks[0][1]) / max(1, marks[-1][0] - marks[0][0])
+        await finished(train.id)
+
+        # 3. training alone, then with 5 stickers arriving during it (class images cached now),
+        # then alone again (the mean of both runs alone is the reference on a shared machine)
+        payload = {"images": images, "class_noun": f"{tag}cat", "steps": SLICE_STEPS, "seed": 2}
+
+        async def train_alone(style_id: str) -> float:
+            alone = await finished((await q.submit(JobKind.TRAIN, 1, {**payload, "style_id": style_id})).id)
+            return float(alone.finished_at - alone.created_at)
+
+        first_alone = await train_alone(f"{tag}-alone-1")
+        worker.overheads.clear()
+        t0 = time.perf_counter()
+        busy = await q.submit(JobKind.TRAIN, 1, {**payload, "style_id": f"{tag}-busy"})
+        stickers = []
+        for i in range(N_STICKERS):
+            await asyncio.sleep(max(0.0, t0 + first_alone * (i + 1) / (N_STICKERS + 1) - time.perf_counter()))
+            stickers.append(await q.submit(JobKind.STICKER, 2, sticker_payload))
+        done = [await finished(busy.id)] + [await finished(s.id) for s in stickers]
+        wall = max(d.finished_at for d in done) - busy.created_at
+        overheads = list(worker.overheads)
+        alone = (first_alone + await train_alone(f"{tag}-alone-2")) / 2
+        during_train = [s.finished_at - s.created_at for s in done[1:]]
+        return {
+            "idle": idle_latency, "per_image": per_image, "step": float(np.median(worker.step_times)),
+            "during_class": float(np.median([s.finished_at - s.created_at for s in during_class])),
+            "during_train": float(np.median(during_train)),
+            "overhead": float(np.median(overheads)) if overheads else float("nan"),
+            "slices": len(overheads), "train_alone": alone, "wall": wall,
+            "ratio": wall / (alone + N_STICKERS * idle_latency),
+            "reloads": generator.loads - loads_before,
+        }
+    finally:
+        worker.request_stop()
+        await task
+        await q.close()
+
+
+def class_phase_done_marks(job: Any, job_id: str, marks: list[tuple[int, float]]) -> Any:
+    """A check that records class-image progress until two more images are done."""
+    start = marks[-1][0]
+
+    async def check() -> bool:
+        msg = (await job(job_id)).progress_message or ""
+        if msg.startswith("class images ") and ":" not in msg:
+            k = int(msg.split()[2].split("/")[0])
+            if marks[-1][0] != k:
+                marks.append((k, time.perf_counter()))
+            return k >= start + 2
+        return msg.startswith("step")
+
+    return check
+
+
+def _slices(root: Path) -> None:
+    import asyncio
+
+    from pipeline.jobs import Resident
+    from pipeline.settings import load_settings
+    from pipeline.stickers.generation import write_random_style
+    from pipeline.storage.files import DataDir
+
+    settings = load_settings(preset="tiny", data_dir=root / "slices", device="cpu", dtype="float32")
+    resident = Resident.load(settings)
+    data = DataDir(settings.data_dir)
+    write_random_style(resident.models.diffusion, data.root / "styles" / "ready", seed=1)
+    photo = data.put_blob(sticker_files(1, seed=9, size=80)[0][1], suffix=".png")[0]
+    images = [data.put_blob(png, suffix=".png")[0] for _, png in sticker_files(4, seed=0, size=80)]
+    print(f"training slices on one in-process worker: tiny preset, CPU, 64 px, 4 images, 40 class "
+          f"images (the sd15 rule for 4 images), {SLICE_STEPS} steps, {N_STICKERS} stickers. 'before' "
+          "reproduces the old slice costs (unload_all + re-encoding at every slice); the old "
+          "class-image phase could not be preempted at all (a sticker waited for all 40 images)")
+    figures = {}
+    for old in (True, False):
+        figures["before" if old else "after"] = asyncio.run(
+            _slices_mode(resident, data, root, old=old, images=images, photo=photo))
+    for tag, f in figures.items():
+        print(f"  {tag:6s} step {f['step']:.3f} s, class image {f['per_image']:.3f} s | slice overhead "
+              f"(claim -> first new step, median of {f['slices']}) {f['overhead']:.3f} s = "
+              f"{f['overhead'] / f['step']:.2f} steps (goal < 2)")
+        print(f"  {tag:6s} sticker latency (medians): idle {f['idle']:.2f} s, during class images "
+              f"{f['during_class']:.2f} s (goal <= {f['idle'] + f['per_image']:.2f}), during training "
+              f"{f['during_train']:.2f} s (goal <= {f['idle'] + f['step']:.2f}); adapter reloads from "
+              f"disk {f['reloads']}")
+        print(f"  {tag:6s} training {f['train_alone']:.2f} s alone (mean of 2); with {N_STICKERS} stickers "
+              f"arriving "
+              f"{f['wall']:.2f} s = {f['ratio']:.2f}x the sum of both alone (goal <= 1.2x)")
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-training-"))
     threads = torch.get_num_threads()
@@ -155,6 +367,7 @@ def main() -> None:
     try:
         _cpu_comparison(root)
         _cpu_sd15_ratio(root)
+        _slices(root)
     finally:
         torch.set_num_threads(threads)
     try:

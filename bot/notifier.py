@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,13 +49,30 @@ class Tracked:
     queued: Callable[[QueuePosition], str] | None = None
 
 
+_CLASS_IMAGES = re.compile(r"^class images (\d+)/(\d+)$")
+
+
+def progress_detail(lang: str, message: str | None) -> str:
+    """The worker's progress message in the user's language: the class-image phase (shared
+    class-prior images, made before the first training step) is named; steps pass as they are."""
+    if not message:
+        return ""
+    if message.startswith("class images: waiting"):
+        return t(lang, "train_class_images_wait")
+    match = _CLASS_IMAGES.match(message)
+    if match:
+        return t(lang, "train_class_images", done=match.group(1), total=match.group(2))
+    return message
+
+
 def progress_text(lang: str, job: Job, style_name: str) -> str:
     """The progress line of a job: a pure function of its state, so unchanged progress gives the
     same text and causes no edit."""
     percent = round(max(0.0, min(1.0, job.progress)) * 100)
     if job.kind == JobKind.TRAIN:
-        detail = f" — {job.progress_message}" if job.progress_message else ""
-        return t(lang, "train_running", name=style_name, percent=percent, detail=detail)
+        detail = progress_detail(lang, job.progress_message)
+        return t(lang, "train_running", name=style_name, percent=percent,
+                 detail=f" — {detail}" if detail else "")
     return t(lang, "sticker_running", name=style_name, percent=percent)
 
 

@@ -79,6 +79,8 @@ TEXTS: dict[str, dict[str, str]] = {
         ),
         "eta": ", about {minutes} min",
         "train_running": "🏋️ Training «{name}»: {percent}%{detail}",
+        "train_class_images": "preparing class images {done}/{total}",
+        "train_class_images_wait": "waiting for class images another job is making",
         "train_progress_done": "🏋️ Training «{name}»: 100% ✅",
         "train_ready": (
             "🎉 Your style «{name}» is ready and active! Send me a photo and I'll turn it into a sticker."
@@ -234,6 +236,8 @@ TEXTS: dict[str, dict[str, str]] = {
         ),
         "eta": ", примерно {minutes} мин",
         "train_running": "🏋️ Обучение «{name}»: {percent}%{detail}",
+        "train_class_images": "готовлю образцы класса {done}/{total}",
+        "train_class_images_wait": "жду образцы класса, их готовит другая задача",
         "train_progress_done": "🏋️ Обучение «{name}»: 100% ✅",
         "train_ready": "🎉 Стиль «{name}» готов и выбран! Пришли фото, и я сделаю из него стикер.",
         "train_failed": "😞 Обучение «{name}» не удалось: {error}. Картинки сохранены; /train — ещё раз.",

@@ -98,7 +98,8 @@ class TrainingPreempted(StickerbotError):
     """Training stopped at a step boundary and wrote a checkpoint; calling ``train_style`` again
     with the same work dir resumes it. ``step`` is the step the checkpoint holds."""
 
-    def __init__(self, step: int, total: int) -> None:
+    def __init__(self, step: int, total: int, *, detail: str | None = None) -> None:
         self.step = step
         self.total = total
-        super().__init__(f"training paused at step {step} of {total}; it resumes from its checkpoint")
+        self.detail = detail or f"step {step}/{total}"  # where it stopped, for logs
+        super().__init__(f"training paused at {self.detail}; it resumes from there")

@@ -4,7 +4,8 @@
 thread with the models the worker loaded once. Payload and result shapes (shared with the bot and
 the Celery backend):
 
-- ``train``: ``{"style_id", "images": [relative paths], "class_noun", "steps", "seed"}`` ->
+- ``train``: ``{"style_id", "images": [relative paths], "class_noun", "steps", "seed"}`` (and,
+  for tests and benchmarks, ``"class_images"``: the class-prior count) ->
   ``{"style_dir": "styles/<style_id>", "identifier", "class_noun", "steps", "seconds", ...}``;
   checkpoints in ``checkpoints/<job_id>/`` (a later run of the same job resumes from them), the
   style written atomically to ``styles/<style_id>/``.
@@ -104,18 +105,34 @@ def training_config(payload: dict[str, Any], settings: Settings, *,
         "seed": int(payload.get("seed") or 0),
         "class_noun": str(payload.get("class_noun") or "character"),
         "checkpoint_every": 25,
+        "mixed_precision": settings.train_mixed_precision,
     }
     if settings.preset == "tiny":
         # Random-weight models for tests and smoke runs: a few steps show every code path.
         options.update(num_class_images=4, class_image_steps=2, checkpoint_every=2)
         if steps is None:
             options["steps"] = 30
+    class_images = payload.get("class_images")
+    if class_images is not None:
+        if not isinstance(class_images, int) or not 1 <= class_images <= 1000:
+            raise InputError(f"class_images must be an integer 1..1000, not {class_images!r}")
+        options["num_class_images"] = class_images
     config = TrainingConfig(**options)
     return config.low_memory() if low_memory else config
 
 
+def train_progress_message(phase: str, done: int, total: int, loss: float) -> str:
+    """The progress line the bot shows (and localises: see ``bot.notifier.progress_detail``)."""
+    if phase == "class_images":
+        return (f"class images {done}/{total}" if done >= 0
+                else f"class images: waiting for another job (0/{total})")
+    return f"step {done}/{total}, loss {loss:.4f}"
+
+
 def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
-              low_memory: bool = False) -> dict[str, Any]:
+              low_memory: bool = False, on_step_start: Callable[[int], None] | None = None
+              ) -> dict[str, Any]:
+    from pipeline.memory import is_out_of_memory
     from pipeline.training.sticker_set import prepare_sticker_set
     from pipeline.training.trainer import TrainingProgress, train_style
 
@@ -133,22 +150,25 @@ def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress
                                    max_images=settings.max_images_per_set)
     config = training_config(payload, settings, low_memory=low_memory)
 
-    # 2. the trainer adds its own adapter to the resident UNet: serving adapters must go first
-    resident.stickers.generator.unload_all()
-
+    # 2. progress: the class-image phase (fraction 0: no training step done yet) and the steps.
+    # The trainer adds its adapter beside the serving adapters (switched, not unloaded), so the
+    # next sticker finds its style still loaded.
     def on_progress(p: TrainingProgress) -> None:
-        progress(p.step / max(p.total, 1), f"step {p.step}/{p.total}, loss {p.loss:.4f}")
+        fraction = p.step / max(p.total, 1) if p.phase == "training" else 0.0
+        progress(fraction, train_progress_message(p.phase, p.step, p.total, p.loss))
 
     # 3. train (resumes from work_dir when an earlier slice of this job checkpointed there)
     try:
         result = train_style(resident.models.diffusion, prepared, config, out_dir=out_dir, work_dir=work_dir,
                              class_cache_dir=data.root / CLASS_IMAGES, progress=on_progress,
-                             should_stop=should_stop)
+                             should_stop=should_stop, on_step_start=on_step_start)
     except TrainingPreempted:
         raise
-    except BaseException:
-        # Failed or cancelled for good: no partial style, no checkpoint left behind. (A retry
-        # after out-of-memory runs another configuration, which cannot resume this one anyway.)
+    except BaseException as exc:
+        if is_out_of_memory(exc):
+            # The low-memory retry resumes the checkpoint (same LoRA, smaller steps).
+            raise
+        # Failed or cancelled for good: no partial style, no checkpoint left behind.
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -158,6 +178,8 @@ def run_train(job: Job, resident: Resident, *, should_stop: ShouldStop, progress
         "steps": result.steps, "seconds": round(result.seconds, 3), "loss": result.loss,
         "resumed_from": result.resumed_from, "images": len(prepared),
         "skipped": [list(s) for s in prepared.skipped], "low_memory": low_memory,
+        "class_images_generated": result.class_images_generated,
+        "encoded_images": result.encoded_images, "encoded_prompts": result.encoded_prompts,
     }
 
 
@@ -221,13 +243,18 @@ HANDLERS: dict[JobKind, Callable[..., dict[str, Any]]] = {
 
 
 def run_job(job: Job, resident: Resident | None, *, should_stop: ShouldStop, progress: Progress,
-            low_memory: bool = False) -> dict[str, Any]:
-    """Run ``job`` and return its result (see the module docstring for the shapes)."""
+            low_memory: bool = False, on_step_start: Callable[[int], None] | None = None
+            ) -> dict[str, Any]:
+    """Run ``job`` and return its result (see the module docstring for the shapes).
+    ``on_step_start`` reaches the trainer (training jobs only): the worker's fault hook."""
     handler = HANDLERS.get(job.kind)
     if handler is None:
         raise InputError(f"unknown job kind {job.kind!r}")
     if job.kind != JobKind.NOOP and resident is None:
         raise InputError(f"a {job.kind.value} job needs the models; this worker runs no-op jobs only")
+    if job.kind == JobKind.TRAIN and on_step_start is not None:
+        return handler(job, resident, should_stop=should_stop, progress=progress, low_memory=low_memory,
+                       on_step_start=on_step_start)
     return handler(job, resident, should_stop=should_stop, progress=progress, low_memory=low_memory)
 
 

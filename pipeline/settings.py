@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     safety_checker: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Training autocast: auto follows the resident weights (float16: fp16 + GradScaler,
+    # bfloat16: bf16, float32: none); fp16 / bf16 force one, no turns it off.
+    train_mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
 
     # --- Queue and worker -----------------------------------------------------------------
     queue_backend: Literal["sqlite", "celery"] = "sqlite"

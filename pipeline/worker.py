@@ -14,7 +14,14 @@ job itself (PyTorch) runs in a thread. The thread learns what the loop saw throu
 CUDA out-of-memory: memory is freed and the job retried once on the low-memory profile, then
 failed with a clear reason; the worker goes on with the next job. A fault-injection hook
 (``fault_inject="oom:train:2"``: the next 2 train runs raise CUDA out-of-memory before their
-work starts) tests that path on machines without a GPU.
+work starts; ``"oom:train@5:1"``: once, at the start of training step 5) tests that path on
+machines without a GPU. Out of memory mid-training keeps the checkpoint (written at the failing
+step's start when the weights are intact), and the retry resumes it: the low-memory profile
+changes only the batch size and gradient checkpointing, not the LoRA.
+
+Class-prior images are the first, preemptible phase of a training job: ``should_stop`` is
+asked between images, progress reads "class images 12/50", and each image is cached as it is
+made, so a sticker waits at most one image and the resumed job goes on from there.
 """
 
 from __future__ import annotations
@@ -56,19 +63,37 @@ log = logging.getLogger(__name__)
 PREEMPTIBLE = (JobKind.TRAIN, JobKind.NOOP)
 
 
-def parse_faults(spec: str | None) -> dict[JobKind, int]:
-    """``"oom:train:2,oom:sticker:1"`` -> ``{TRAIN: 2, STICKER: 1}``: how many runs of each kind
-    raise CUDA out-of-memory. Only the ``oom`` fault exists."""
+def _parse_fault_spec(spec: str | None) -> tuple[dict[JobKind, int], dict[int, int]]:
     faults: dict[JobKind, int] = {}
+    at_step: dict[int, int] = {}
     for part in (spec or "").split(","):
         part = part.strip()
         if not part:
             continue
         fields = part.split(":")
         if len(fields) != 3 or fields[0] != "oom" or not fields[2].isdigit():
-            raise ValueError(f"bad fault {part!r}: expected oom:<kind>:<count>, e.g. oom:train:2")
-        faults[JobKind(fields[1])] = faults.get(JobKind(fields[1]), 0) + int(fields[2])
-    return faults
+            raise ValueError(f"bad fault {part!r}: expected oom:<kind>:<count>, e.g. oom:train:2, "
+                             "or oom:train@<step>:<count>")
+        kind, _, step = fields[1].partition("@")
+        if step:
+            if kind != JobKind.TRAIN.value or not step.isdigit():
+                raise ValueError(f"bad fault {part!r}: only oom:train@<step>:<count> takes a step")
+            at_step[int(step)] = at_step.get(int(step), 0) + int(fields[2])
+        else:
+            faults[JobKind(kind)] = faults.get(JobKind(kind), 0) + int(fields[2])
+    return faults, at_step
+
+
+def parse_faults(spec: str | None) -> dict[JobKind, int]:
+    """``"oom:train:2,oom:sticker:1"`` -> ``{TRAIN: 2, STICKER: 1}``: how many runs of each kind
+    raise CUDA out-of-memory before their work starts. Only the ``oom`` fault exists."""
+    return _parse_fault_spec(spec)[0]
+
+
+def parse_step_faults(spec: str | None) -> dict[int, int]:
+    """``"oom:train@5:1"`` -> ``{5: 1}``: training raises CUDA out-of-memory at the start of step
+    5, once (mid-training, where the low-memory retry must resume the checkpoint)."""
+    return _parse_fault_spec(spec)[1]
 
 
 @dataclass
@@ -98,6 +123,7 @@ class Worker:
         self.preempt_poll = preempt_poll
         self.progress_every = progress_every
         self.faults = parse_faults(fault_inject)
+        self.step_faults = parse_step_faults(fault_inject)
         self._faults_lock = threading.Lock()
         self._stopping = asyncio.Event()
         self._request: StopRequest = None  # read by the job thread through should_stop()
@@ -122,6 +148,10 @@ class Worker:
         return self._request
 
     def _on_progress(self, fraction: float, message: str) -> None:
+        # Never backwards within a claim (a retry after out-of-memory resumes at or after the
+        # step it reached).
+        if self._progress is not None:
+            fraction = max(fraction, self._progress[0])
         self._progress = (fraction, message)
         self._steps_done += 1
 
@@ -133,6 +163,15 @@ class Worker:
         import torch
 
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault for a {kind.value} job)")
+
+    def _inject_step_fault(self, step: int) -> None:
+        with self._faults_lock:
+            if self.step_faults.get(step, 0) <= 0:
+                return
+            self.step_faults[step] -= 1
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault at training step {step})")
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self, *, max_jobs: int | None = None) -> list[Outcome]:
@@ -217,7 +256,8 @@ class Worker:
         generator = self.resident.stickers.generator if self.resident is not None else None
         loads = generator.loads if generator is not None else 0
         result = run_job(job, self.resident, should_stop=self._should_stop, progress=self._on_progress,
-                         low_memory=low_memory)
+                         low_memory=low_memory,
+                         on_step_start=self._inject_step_fault if self.step_faults else None)
         if generator is not None and job.kind == JobKind.STICKER:
             default_metrics().record_adapter_lookup(hit=generator.loads == loads)
         return result
@@ -285,7 +325,7 @@ class Worker:
                 return Outcome(job.id, "lost", "lease lost; checkpoint kept")
             why = "paused: the worker is restarting" if self.stopping else "paused for a sticker"
             await self.queue.release(job.id, self.worker_id, message=why)
-            log.info("job %s: released at %s (%s)", job.id, f"{exc.step}/{exc.total}", why)
+            log.info("job %s: released at %s (%s)", job.id, exc.detail, why)
             return Outcome(job.id, "released", why)
         self._low_memory.discard(job.id)
         if isinstance(exc, CancelledError):

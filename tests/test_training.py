@@ -187,6 +187,7 @@ def test_yield_resumes_to_identical_weights_and_cancel_leaves_nothing(
     # an uninterrupted run: the first style of this class generates the class images
     full = train_style(models, prepared, config, out_dir=tmp_path / "a", work_dir=tmp_path / "wa", **kwargs)
     assert full.class_images_generated == 2 and full.resumed_from == 0
+    assert (full.encoded_images, full.encoded_prompts) == (4 + 2, 2)
 
     # "yield" at step 3: a checkpoint, no style; a later call resumes from step 3
     steps_seen: list[int] = []
@@ -200,6 +201,8 @@ def test_yield_resumes_to_identical_weights_and_cancel_leaves_nothing(
                           **kwargs)
     assert resumed.resumed_from == 3 and len(resumed.losses) == 3
     assert resumed.class_images_generated == 0  # the second style reused the cache
+    # the resumed slice read its latents and embeddings back from the job's work dir
+    assert (resumed.encoded_images, resumed.encoded_prompts) == (0, 0)
     a, b = load_file(tmp_path / "a" / LORA_FILE), load_file(tmp_path / "b" / LORA_FILE)
     assert a.keys() == b.keys()
     for key in a:

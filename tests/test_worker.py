@@ -301,6 +301,9 @@ async def test_sticker_preempts_training_which_ends_as_if_uninterrupted(
     assert t.attempts == 1  # a preemption is not an attempt
     assert t.result is not None and t.result["resumed_from"] >= 3
     assert r.result is not None and r.result["resumed_from"] == 0
+    # the resumed slice read its latents and embeddings back: nothing re-encoded (counted)
+    assert (t.result["encoded_images"], t.result["encoded_prompts"]) == (0, 0)
+    assert r.result["encoded_images"] == 4 + 4 and r.result["encoded_prompts"] == 2
     assert "paused for a sticker" in log.read_text()
     # The interrupted run ends with exactly the weights of an uninterrupted one.
     a = lora_tensors(data.root / "styles" / "interrupted")

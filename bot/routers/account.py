@@ -9,11 +9,12 @@ from aiogram.types import CallbackQuery, Message
 
 from bot.context import BotContext
 from bot.keyboards import confirm_delete_me_keyboard
+from bot.notifier import progress_detail
 from bot.routers.stickers import eta_text
 from bot.routers.styles import remove_trees, remove_unreferenced
 from bot.texts import t
 from pipeline.errors import JobError
-from pipeline.queue.base import JobState
+from pipeline.queue.base import JobKind, JobState
 
 ACTIVE = [JobState.QUEUED, JobState.RUNNING]
 
@@ -31,6 +32,9 @@ async def on_status(message: Message, ctx: BotContext, lang: str, user_id: int) 
             extra = f" #{pos.position}{eta_text(lang, pos.eta_seconds)}"
         elif job.state == JobState.RUNNING:
             extra = f" {round(job.progress * 100)}%"
+            detail = progress_detail(lang, job.progress_message) if job.kind == JobKind.TRAIN else ""
+            if detail:  # e.g. still making the shared class-prior images
+                extra += f" — {detail}"
         lines.append(t(lang, "status_line", kind=t(lang, f"kind_{job.kind.value}"),
                        state=t(lang, f"state_{job.state.value}"), extra=extra))
     await message.answer("\n".join(lines))

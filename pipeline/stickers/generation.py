@@ -294,8 +294,8 @@ class StickerGenerator:
 
     def unload_all(self) -> None:
         """Remove every adapter from the resident UNet and text encoder (and drop fine-tuned
-        UNets), restoring the bare base modules. Call before another user of the same modules
-        (the trainer) adds its own adapter; the cache refills lazily afterwards."""
+        UNets), restoring the bare base modules; the cache refills lazily afterwards. The trainer
+        does not need it: it adds its adapter beside these and leaves them as it found them."""
         with self._lock:
             if self.compiled is not None:
                 # The slot and the LCM-LoRA stay (removing them would mean compiling again);

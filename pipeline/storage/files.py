@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,12 +49,24 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, *, on_wait: Callable[[], None] | None = None,
+              interval: float = 0.25) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created if missing), across processes: one
-    builder of a shared cache works while the others wait, then reuse what it made."""
+    builder of a shared cache works while the others wait, then reuse what it made. With
+    ``on_wait`` the wait polls, calling it every ``interval`` seconds while another holds the
+    lock (it may raise to give up waiting: a preempted or cancelled job)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        if on_wait is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    on_wait()
+                    time.sleep(interval)
         try:
             yield
         finally:
