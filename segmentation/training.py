@@ -468,6 +468,20 @@ def save_segmenter(segmenter: Segmenter, out_dir: Path, *, meta: dict[str, Any] 
         (out_dir / "segmenter-training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def load_training_state(path: Path, *, device: Any) -> dict[str, Any]:
+    """A ``training-state.pt`` for a model on ``device``. Every tensor is read onto the CPU, where
+    the random-generator state must stay (``torch.set_rng_state`` takes a CPU byte tensor only;
+    a ``map_location`` of a CUDA model's device moved it to the GPU and resuming raised). The
+    model's and optimizer's ``load_state_dict`` copy their tensors to the parameters' device; the
+    weight average's shadow, which is used as is, is moved here."""
+    import torch
+
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("ema"):
+        state["ema"] = {k: v.to(device) for k, v in state["ema"].items()}
+    return state
+
+
 def train_segmenter(
     segmenter: Segmenter,
     stickers: Sequence[Image.Image],
@@ -537,7 +551,7 @@ def train_segmenter(
     history: list[dict[str, float]] = []
     state_path = out / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, map_location=next(model.parameters()).device, weights_only=False)
+        state = load_training_state(state_path, device=next(model.parameters()).device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
