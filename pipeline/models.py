@@ -252,9 +252,97 @@ def load_image_encoder(kind: str, sources: ModelSources, *, device: torch.device
     return ImageEncoder(model=model.to(device).eval(), processor=processor, kind=kind, source=src)
 
 
+def _config_of(source: str, cache_dir: str | None) -> dict[str, Any] | None:
+    """A model's ``config.json`` from a directory or the local Hugging Face cache (no network);
+    None when it is not at hand."""
+    import json
+
+    local = Path(source).expanduser()
+    path: Path | None = local / "config.json" if local.is_dir() else None
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            found = try_to_load_from_cache(source, "config.json", cache_dir=cache_dir)
+        except HFValidationError:  # neither a directory nor a hub id
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def segmenter_head_problem(source: str | Path, *, cache_dir: str | None = None) -> str | None:
+    """Why ``source`` cannot remove backgrounds as it is, or None when it has a trained
+    foreground head (or its config is not at hand: loading it will then say what is missing).
+
+    ``nvidia/mit-b0`` is an ImageNet classification checkpoint: loaded for segmentation, its
+    decode head is new and random. A many-class head without a background class (ADE20K's)
+    segments its classes, not a sticker's subject."""
+    config = _config_of(str(source), cache_dir)
+    if config is None:
+        return None
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if architectures and not any(a.endswith("ForSemanticSegmentation") for a in architectures):
+        return (f"{source} is an encoder checkpoint ({', '.join(architectures)}) with no "
+                "segmentation head: its foreground head must be trained first")
+    labels = {str(v).lower() for v in (config.get("id2label") or {}).values()}
+    if len(labels) > 1 and not labels & {"background", "bg", "unlabeled"}:
+        return f"{source} segments {len(labels)} classes and none of them is the background"
+    return None
+
+
+@dataclass(frozen=True)
+class SegmenterChoice:
+    """Which segmenter a worker serves: a trained version in the data dir (``version``), or the
+    configured one; ``problem`` says why neither can serve yet (a bootstrap must train one)."""
+
+    base: str  # the configured segmenter, or "scratch:<preset>" when training from random weights
+    source: str  # what to load now
+    version: str | None
+    problem: str | None
+
+
+def choose_segmenter(settings: Settings, sources: ModelSources) -> SegmenterChoice:
+    from segmentation import versions
+
+    scratch = settings.segmenter_bootstrap_from == "scratch"
+    base = f"scratch:{settings.preset}" if scratch else sources.segmenter
+    serving = versions.serving_version(settings.data_dir, base)
+    if serving is not None:
+        return SegmenterChoice(base=base, source=str(serving.path), version=serving.name, problem=None)
+    problem: str | None
+    if scratch:
+        problem = ("no segmenter trained from scratch yet (STICKERBOT_SEGMENTER_BOOTSTRAP_FROM=scratch "
+                   "uses no pretrained weights)")
+    else:
+        problem = segmenter_head_problem(sources.segmenter, cache_dir=sources.cache_dir)
+    return SegmenterChoice(base=base, source=sources.segmenter, version=None, problem=problem)
+
+
+def load_chosen_segmenter(settings: Settings, choice: SegmenterChoice, sources: ModelSources, *,
+                          device: torch.device) -> Segmenter:
+    """The segmenter of ``choice``. Without a trained head: the configured encoder with a fresh
+    one-label head (or, from scratch, random weights), a placeholder that serves no sticker."""
+    if choice.problem is None:
+        return load_segmenter(choice.source, device=device, cache_dir=sources.cache_dir)
+    if choice.base.startswith("scratch:"):
+        from segmentation.training import fresh_segmenter
+
+        arch = ARCHITECTURES[settings.preset]
+        return fresh_segmenter(arch.segformer, arch.segmenter_size, device=device)
+    return load_segmenter(choice.source, device=device, cache_dir=sources.cache_dir, num_labels=1)
+
+
 @dataclass
 class Models:
-    """What a worker keeps resident: loaded once at start, passed to every job."""
+    """What a worker keeps resident: loaded once at start, passed to every job. The segmenter
+    may be replaced by a newer trained version while the worker runs (``segmenter_choice``)."""
 
     sources: ModelSources
     diffusion: DiffusionModels
@@ -262,18 +350,23 @@ class Models:
     segmenter: Segmenter
     device: torch.device
     dtype: torch.dtype
+    segmenter_choice: SegmenterChoice | None = None
 
 
 def load_models(settings: Settings) -> Models:
-    """Load the diffusion model, the captioner and the segmenter of the configured preset."""
+    """Load the diffusion model, the captioner and the segmenter of the configured preset (a
+    trained version of it from ``<data dir>/segmenter/`` when one was promoted)."""
     sources = resolve_sources(settings)
     device, dtype = device_and_dtype(settings)
     diffusion = load_diffusion(sources, device=device, dtype=dtype)
     captioner = load_captioner(sources, device=device, dtype=dtype)
-    segmenter = load_segmenter(sources.segmenter, device=device, cache_dir=sources.cache_dir)
+    choice = choose_segmenter(settings, sources)
+    segmenter = load_chosen_segmenter(settings, choice, sources, device=device)
+    if choice.problem is not None:
+        log.warning("segmenter: %s; a bootstrap job will train one", choice.problem)
     log.info("models loaded (preset %s) on %s/%s", sources.preset, device, dtype)
     return Models(sources=sources, diffusion=diffusion, captioner=captioner,
-                  segmenter=segmenter, device=device, dtype=dtype)
+                  segmenter=segmenter, device=device, dtype=dtype, segmenter_choice=choice)
 
 
 def check_available(sources: ModelSources) -> dict[str, str | None]:

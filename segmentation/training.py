@@ -140,6 +140,7 @@ class SegTrainResult:
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0  # the step a saved state held when this call began
 
 
 def mit_init(model: torch.nn.Module) -> None:
@@ -491,9 +492,12 @@ def train_segmenter(
     photos: Sequence[np.ndarray] = (),
     val_stickers: Sequence[Image.Image] | None = None,
     progress: Callable[[SegTrainProgress], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> SegTrainResult:
     """Train ``segmenter`` in place; keep the best validation checkpoint in ``out_dir``; resume
-    from ``out_dir/training-state.pt`` when it exists (same config expected)."""
+    from ``out_dir/training-state.pt`` when it exists (same config expected). ``should_stop`` is
+    asked after each epoch's state is saved: ``"yield"`` raises TrainingPreempted (call again
+    to resume), ``"cancel"`` raises CancelledError."""
     import torch
 
     from segmentation.removal import foreground_logit, normalize_batch
@@ -544,7 +548,7 @@ def train_segmenter(
     planned = steps_per_epoch * config.epochs
     budget = config.minutes * 60 if config.minutes else None
 
-    epoch = step = 0
+    epoch = step = resumed_from = 0
     elapsed = 0.0
     began = time.monotonic()
     best = -1.0
@@ -555,6 +559,7 @@ def train_segmenter(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
+        resumed_from = step
         best, history = state["best_iou"], state["history"]
         torch.set_rng_state(state["torch_rng"])
     else:
@@ -651,11 +656,21 @@ def train_segmenter(
                         epoch=epoch, step=step, loss=history[-1]["loss"], elapsed=elapsed, val_iou=val_iou
                     )
                 )
+            request = should_stop() if should_stop is not None else None
+            if request == "cancel":
+                from pipeline.errors import CancelledError
+
+                raise CancelledError("segmenter training was cancelled")
+            if request == "yield":
+                from pipeline.errors import TrainingPreempted
+
+                raise TrainingPreempted(step, planned)
     finally:
         del loader  # stops its worker processes, also when the step raises
     if ema is not None:  # the model leaves with the averaged weights it was validated with
         model.load_state_dict(ema.shadow, strict=False)
     model.eval()
     return SegTrainResult(
-        out_dir=out, best_iou=best, epochs=epoch, steps=step, seconds=elapsed, history=history
+        out_dir=out, best_iou=best, epochs=epoch, steps=step, seconds=elapsed, history=history,
+        resumed_from=resumed_from,
     )
