@@ -405,6 +405,8 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     from pipeline.queue import open_queue
 
     kinds = list(kinds) if kinds else list(JobKind)
+    if JobKind.STICKER in kinds and JobKind.SEGMENTER not in kinds:
+        kinds.append(JobKind.SEGMENTER)  # stickers need the background remover it trains
     early_stop = asyncio.Event()  # SIGTERM while the models load: exit cleanly once they are in
     loop = asyncio.get_running_loop()
     if install_signals:
