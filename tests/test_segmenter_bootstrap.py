@@ -94,11 +94,10 @@ def test_bootstrap_writes_a_measured_version_and_switches_to_it(boot_settings: S
 # --- the worker: bootstrap before stickers, crash resume, one bootstrap for two workers -------------
 
 
-from tests.test_worker import log_tail, sticker_set, until, worker_process  # noqa: E402
-
 from pipeline.queue.base import JobKind, JobState  # noqa: E402
 from pipeline.queue.sqlite import SqliteJobQueue  # noqa: E402
 from pipeline.storage.files import DataDir  # noqa: E402
+from tests.test_worker import log_tail, sticker_set, until, worker_process  # noqa: E402
 
 
 @pytest.fixture
