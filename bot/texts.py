@@ -87,6 +87,10 @@ TEXTS: dict[str, dict[str, str]] = {
             "You have no ready style yet. Send me stickers in one style first, then /train."
         ),
         "sticker_queued": "🎨 Drawing your sticker in «{name}»… (position {position}{eta})",
+        "sticker_getting_ready": (
+            "⏳ Getting ready: on its first start the bot is learning to cut stickers out of their "
+            "background{eta}. Your sticker in «{name}» comes right after."
+        ),
         "sticker_running": "🎨 Drawing your sticker in «{name}»: {percent}%",
         "sticker_failed": "😞 I couldn't draw that sticker: {error}",
         "sticker_cancelled": "The sticker job was cancelled.",
@@ -231,6 +235,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "train_busy": "«{name}» уже обучается. Ход — в /status.",
         "sticker_no_style": "Готового стиля пока нет. Пришли стикеры в одном стиле, затем /train.",
         "sticker_queued": "🎨 Рисую стикер в стиле «{name}»… (место {position}{eta})",
+        "sticker_getting_ready": (
+            "⏳ Готовлюсь: при первом запуске бот учится вырезать стикеры из фона{eta}. "
+            "Стикер в стиле «{name}» будет сразу после."
+        ),
         "sticker_running": "🎨 Рисую стикер в стиле «{name}»: {percent}%",
         "sticker_failed": "😞 Не получилось нарисовать стикер: {error}",
         "sticker_cancelled": "Задача на стикер отменена.",
