@@ -408,7 +408,8 @@ async def test_a_sticker_asked_for_during_the_segmenter_bootstrap_is_told_gettin
             await worker.train(await worker.claim(JobKind.TRAIN))
             await fake.wait_text(72, "is ready and active")
             # A worker found no trained background remover: its bootstrap (2 minutes) is queued.
-            await queue.ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap", "minutes": 2}, key="segmenter-bootstrap")
+            await queue.ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap", "minutes": 2},
+                                   key="segmenter-bootstrap")
             start = len(fake.calls)
             fake.send_photo(ann, fake.add_file(picture(9, fmt="JPEG")))
             await fake.wait_text(72, "Getting ready", start=start)
@@ -416,7 +417,8 @@ async def test_a_sticker_asked_for_during_the_segmenter_bootstrap_is_told_gettin
             boot = await worker.claim(JobKind.SEGMENTER)
             await queue.report_progress(boot, "test-worker", 0.5, "learning backgrounds: 50%")
             await fake.wait_text(72, "about 2 min", start=start)  # the edit follows the bootstrap
-            await queue.complete(boot, "test-worker", {"mode": "bootstrap", "version": "v1", "promoted": True})
+            await queue.complete(boot, "test-worker", {"mode": "bootstrap", "version": "v1",
+                                                       "promoted": True})
             await fake.wait_text(72, "Drawing your sticker", start=start)  # back to the queue position
             await worker.sticker(await worker.claim(JobKind.STICKER))
             await fake.wait_for(lambda c: c.method == "sendSticker" and c.chat_id == 72)
