@@ -197,3 +197,126 @@ async def test_sigkill_mid_bootstrap_resumes_on_the_other_worker_and_it_runs_onc
     assert done.attempts == 2 and done.result["training"]["resumed_from_step"] > 0
     names = [p.name for p in (data.root / "segmenter").iterdir() if p.is_dir() and p.name.startswith("boot")]
     assert names == [done.result["version"]]
+
+
+# --- uploads as training data, the refresh and its rule ----------------------------------------------
+
+
+async def add_uploads(settings: Settings, per_user: dict[int, list[bytes]]) -> None:
+    """Sticker sets in the product's database, as the bot stores uploads (content-addressed)."""
+    from pipeline.storage.db import open_database
+    from pipeline.storage.repository import Repository
+
+    data = DataDir(settings.data_dir)
+    conn = await open_database(settings.db_path)
+    repo = Repository(conn)
+    try:
+        for user_id, files in per_user.items():
+            await repo.ensure_user(user_id)
+            style = await repo.create_style(user_id, f"set {user_id}")
+            for blob in files:
+                rel, sha = data.put_blob(blob, suffix=".png")
+                await repo.add_image(style.id, sha256=sha, path=rel, width=80, height=80, source="sticker")
+        await conn.commit()
+    finally:
+        await conn.close()
+
+
+def opaque_png(seed: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 80), (seed, 100, 50)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_uploads_with_alpha_are_collected_once_and_held_out_by_user(tiny_settings: Settings) -> None:
+    from segmentation.bootstrap import collect_uploads, heldout_groups, split_uploads
+    from segmentation.synthetic import sticker_files
+
+    files = [png for _, png in sticker_files(12, seed=40, size=80)]
+    # Ten users; user 2 uploads user 1's third sticker again; user 1 also an opaque picture.
+    await add_uploads(tiny_settings, {1: [*files[:3], opaque_png(1)], 2: [files[2], files[3]],
+                                      **{u: [files[u + 1]] for u in range(3, 11)}})
+    items = collect_uploads(tiny_settings.data_dir, tiny_settings.db_path, max_pixels=10**7)
+    assert len(items) == 12  # 14 uploads: one twice, the opaque one has no label
+    assert [i.group for i in items if i.sha256 == items[2].sha256] == ["1"]  # the first owner keeps it
+    assert sorted({i.group for i in items}) == sorted(str(u) for u in range(1, 11))
+    train, held = split_uploads(items)
+    held_users = {i.group for i in held}
+    assert len(held_users) == 2 and not held_users & {i.group for i in train}  # a user is all in or out
+    assert heldout_groups([str(u) for u in range(1, 11)]) == held_users  # stable for the same users
+    assert heldout_groups(["1"]) == set()
+
+
+def _biased(segmenter, bias: float):
+    """The same network answering 'foreground everywhere' (bias > 0) or 'nowhere' (< 0)."""
+    with torch.no_grad():
+        segmenter.model.decode_head.classifier.bias.fill_(bias)
+    return segmenter
+
+
+def test_a_refresh_that_scores_worse_is_kept_aside_and_the_serving_version_stays(
+        boot_settings: Settings) -> None:
+    from pipeline.jobs import train_segmenter_version
+    from pipeline.models import load_segmenter, resolve_sources
+    from segmentation import versions
+    from segmentation.bootstrap import gather_data, plan_for, run_segmenter_training, should_promote
+
+    assert should_promote(0.80, 0.80) and should_promote(0.81, None) and not should_promote(0.79, 0.80)
+    sources = resolve_sources(boot_settings)
+    boot = train_segmenter_version(boot_settings, mode="bootstrap", name="bootstrap-a",
+                                   work_dir=boot_settings.data_dir / "work-a", device=CPU, sources=sources)
+    data_root = boot_settings.data_dir
+    serving = _biased(load_segmenter(versions.current(data_root).path, device=CPU), 30.0)
+    candidate = _biased(load_segmenter(versions.current(data_root).path, device=CPU), -30.0)
+    plan = plan_for("tiny", size=32, minutes=0.01, scratch=False)
+    data = gather_data(plan, data_root=data_root, db_path=boot_settings.db_path, max_pixels=10**7,
+                       emoji=False, emoji_registry="file:///nonexistent")
+    run = run_segmenter_training(candidate, mode="refresh", name="refresh-b", base=boot.info["base"],
+                                 start=str(versions.current(data_root).path), plan=plan, data=data,
+                                 data_root=data_root, work_dir=data_root / "work-b", device=CPU,
+                                 load_trained=lambda path: load_segmenter(path, device=CPU), serving=serving)
+    assert not run.promoted
+    assert versions.current(data_root).name == "bootstrap-a"  # still serving the old one
+    kept = versions.version(data_root, "refresh-b")
+    assert kept is not None and not kept.info["promoted"] and "below the serving" in kept.info["kept_aside"]
+    assert kept.info["figures"]["procedural"]["iou"] < kept.info["serving_figures"]["procedural"]["iou"]
+
+
+async def test_a_worker_queues_a_refresh_after_enough_new_alpha_stickers_and_serves_it_when_promoted(
+        tiny_settings: Settings, boot_settings: Settings) -> None:
+    from pipeline.jobs import Resident, train_segmenter_version
+    from pipeline.models import resolve_sources
+    from pipeline.queue.base import REFRESH_PRIORITY
+    from pipeline.worker import Worker
+    from segmentation import versions
+    from segmentation.synthetic import sticker_files
+
+    settings = boot_settings.model_copy(update={"segmenter_refresh_every": 3,
+                                                "segmenter_refresh_minutes": 0.02})
+    train_segmenter_version(settings, mode="bootstrap", name="bootstrap-a", work_dir=settings.data_dir / "w",
+                            device=CPU, sources=resolve_sources(settings))
+    resident = Resident.load(settings)
+    assert resident.models.segmenter_choice.version == "bootstrap-a"
+    q = await SqliteJobQueue.open(settings.db_path)
+    try:
+        worker = Worker(q, resident, data=DataDir(settings.data_dir), kinds=list(JobKind), lease_seconds=5)
+        await add_uploads(settings, {5: [png for _, png in sticker_files(2, seed=70, size=80)]})
+        await worker.maybe_refresh_segmenter()
+        assert await segmenter_jobs(q) == []  # 2 new alpha stickers: not yet
+        await add_uploads(settings, {6: [png for _, png in sticker_files(1, seed=80, size=80)]})
+        await worker.maybe_refresh_segmenter()
+        await worker.maybe_refresh_segmenter()  # asked twice: still one job
+        [job] = await segmenter_jobs(q)
+        assert job.payload["mode"] == "refresh" and job.priority == REFRESH_PRIORITY
+        outcomes = await worker.run(max_jobs=1)
+        assert outcomes[0].state == "succeeded", outcomes
+        done = await q.get(job.id)
+        promoted = done.result["promoted"]
+        current = versions.current(settings.data_dir)
+        assert current.name == (done.result["version"] if promoted else "bootstrap-a")
+        assert resident.models.segmenter_choice.version == current.name  # served without a restart
+        assert done.result["counts"]["uploads"] == 3
+    finally:
+        await q.close()
