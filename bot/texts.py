@@ -144,7 +144,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "not_admin": "This command is for the bot's admins.",
         "stats": (
             "Users: {users}\nStyles: {styles}\nStickers: {stickers}\nJobs: {jobs}\n"
-            "Queue depth: {depth}\nWorker: {worker}"
+            "Queue depth: {depth}\nWorker: {worker}\nBackground remover: {segmenter}"
         ),
         "worker_busy": "busy ({n} running, lease alive)",
         "worker_idle": "idle (last job finished {ago} ago)",

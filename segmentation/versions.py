@@ -108,3 +108,35 @@ def serving_version(data_root: Path, configured: str) -> SegmenterVersion | None
     if promoted is None or promoted.base != configured:
         return None
     return promoted
+
+
+def describe(data_root: Path, *, pending: str | None = None) -> str:
+    """One line for ``/stats`` and ``doctor``: the version in use, where it came from, its
+    held-out figures and how many uploaded sticker images it learned from; what is pending."""
+    serving = current(data_root)
+    if serving is None:
+        text = "no trained version yet (the configured segmenter, or a bootstrap is due)"
+    else:
+        info = serving.info
+        figures = info.get("figures") or {}
+
+        def part(name: str) -> str:
+            f = figures.get(name)
+            if not f:
+                return f"{name}: none held out"
+            return (f"{name} IoU {f['iou']:.3f}, boundary F {f['boundary_f']:.3f}, "
+                    f"alpha MAE {f['alpha_mae']:.3f}")
+
+        text = (f"{serving.name} ({info.get('source', '?')}); held-out {part('procedural')}; "
+                f"{part('uploads')}; learned from {info.get('learned_from_uploads', 0)} uploaded "
+                "sticker images")
+    kept = [v.name for v in all_versions(data_root) if v.info.get("promoted") is False]
+    if kept:
+        text += f"; kept aside: {', '.join(kept[-3:])}"
+    return text + (f"; pending: {pending}" if pending else "")
+
+
+def pending_text(states: dict[str, int]) -> str | None:
+    """``{"queued": 1, ...}`` of the segmenter jobs -> "1 queued" (None when nothing is pending)."""
+    parts = [f"{states[s]} {s}" for s in ("running", "queued") if states.get(s)]
+    return ", ".join(parts) or None

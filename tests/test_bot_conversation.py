@@ -340,6 +340,7 @@ async def test_admin_stats(fake: FakeBotAPI, settings: Settings) -> None:
         fake.send_text(user(1), "/stats")
         call = await fake.wait_text(1, "Queue depth: 0")
         assert "Users: 2" in call.text and "Worker: no job finished yet" in call.text
+        assert "Background remover: no trained version yet" in call.text
 
 
 async def test_unexpected_error_answers_with_an_id_and_logs_context(

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,17 @@ def test_bootstrap_writes_a_measured_version_and_switches_to_it(boot_settings: S
     assert versions.current(boot_settings.data_dir).name == "bootstrap-test"
     segmenter = load_chosen_segmenter(boot_settings, after, sources, device=CPU)
     assert segmenter.model.config.num_labels == 1
+    # doctor and /stats say which version serves, where it came from, its figures, what is pending.
+    line = versions.describe(boot_settings.data_dir, pending=versions.pending_text({"queued": 1}))
+    assert line.startswith("bootstrap-test (bootstrap from ") and "procedural IoU" in line
+    assert "uploads: none held out" in line and "learned from 0 uploaded" in line
+    assert line.endswith("pending: 1 queued")
+    doctor = subprocess.run([sys.executable, "-m", "pipeline.cli", "doctor"], capture_output=True, text=True,
+                            env=dict(os.environ, STICKERBOT_PRESET="tiny",
+                                     STICKERBOT_DATA_DIR=str(boot_settings.data_dir),
+                                     STICKERBOT_TINY_ZOO_DIR=str(boot_settings.zoo_dir),
+                                     STICKERBOT_SEGMENTER_MODEL=str(boot_settings.segmenter_model)))
+    assert "ok  segmenter      bootstrap-test (bootstrap from" in doctor.stdout, doctor.stdout + doctor.stderr
     # An operator who points the setting at another model is served that model, not this version.
     other = boot_settings.model_copy(update={"segmenter_model": str(sources.segmenter) + "-other"})
     assert choose_segmenter(other, resolve_sources(other)).version is None
