@@ -105,6 +105,24 @@ def test_bootstrap_writes_a_measured_version_and_switches_to_it(boot_settings: S
     assert choose_segmenter(other, resolve_sources(other)).version is None
 
 
+
+def test_from_scratch_needs_no_pretrained_weights(boot_settings: Settings, tmp_path: Path) -> None:
+    """The licence path: the configured encoder is never read (here it does not even exist)."""
+    from pipeline.jobs import train_segmenter_version
+    from pipeline.models import choose_segmenter, resolve_sources
+    from segmentation import versions
+
+    settings = boot_settings.model_copy(update={"segmenter_bootstrap_from": "scratch",
+                                                "segmenter_model": str(tmp_path / "no-such-encoder")})
+    sources = resolve_sources(settings)
+    assert "from scratch" in (choose_segmenter(settings, sources).problem or "")
+    run = train_segmenter_version(settings, mode="bootstrap", name="scratch-a", work_dir=tmp_path / "work",
+                                  device=CPU, sources=sources)
+    assert run.promoted and run.info["base"] == "scratch:tiny" and run.info["start"] == "scratch:tiny"
+    choice = choose_segmenter(settings, sources)
+    assert choice.problem is None and choice.version == "scratch-a"
+    assert versions.current(settings.data_dir).info["training"]["plan"]["scratch"]
+
 # --- the worker: bootstrap before stickers, crash resume, one bootstrap for two workers -------------
 
 

@@ -82,6 +82,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             sources = resolve_sources(settings)
             for role, problem in check_available(sources).items():
                 src = getattr(sources, role)
+                if role == "segmenter" and settings.segmenter_bootstrap_from == "scratch":
+                    line(f"model:{role}", f"{src} not used (the remover is trained from scratch)")
+                    continue
                 line(f"model:{role}", src if problem is None else problem, problem is None)
         except StickerbotError as exc:
             line("models", str(exc), ok=False)
