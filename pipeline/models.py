@@ -45,8 +45,9 @@ SD15_SOURCES = {
     "diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # CreativeML OpenRAIL-M
     "captioner": "Salesforce/blip-image-captioning-base",  # BSD-3-Clause
     # SegFormer-b0 encoder pretrained on ImageNet-1k (NVIDIA SegFormer licence: research and
-    # non-commercial use). Its one-class head is new: fine-tune it on stickers with
-    # `stickerbot segmenter train` and point STICKERBOT_SEGMENTER_MODEL at the result.
+    # non-commercial use). It has no foreground head: the first worker bootstraps one into
+    # <data dir>/segmenter/ (segmentation/bootstrap.py); STICKERBOT_SEGMENTER_BOOTSTRAP_FROM=scratch
+    # trains from random weights instead.
     "segmenter": "nvidia/mit-b0",
     "clip": "openai/clip-vit-base-patch32",  # MIT
     "dino": "facebook/dino-vits16",  # Apache-2.0

@@ -526,7 +526,7 @@ def test_cli_train_and_eval(
         == 0
     )
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "passed"}
+    assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "iou_by_background"}
     assert metrics["images"] == 4
     assert metrics["flip"] is True and metrics["rotate"] is True and metrics["scales"] == [1.0, 1.5]
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0
