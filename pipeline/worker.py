@@ -211,8 +211,10 @@ class Worker:
         from segmentation import versions
         from segmentation.bootstrap import count_alpha_uploads
 
-        serving = versions.version(settings.data_dir, choice.version)
-        seen = int((serving.info if serving else {}).get("uploads_seen") or 0)
+        # Counted from the newest run on this base, promoted or kept aside: a refresh that was
+        # not promoted must not be queued again at once for the same stickers.
+        seen = max((int(v.info.get("uploads_seen") or 0) for v in versions.all_versions(settings.data_dir)
+                    if v.base == choice.base), default=0)
         now = await asyncio.to_thread(count_alpha_uploads, settings.data_dir, settings.db_path,
                                       max_pixels=settings.max_image_pixels)
         if now - seen >= every:

@@ -350,5 +350,8 @@ async def test_a_worker_queues_a_refresh_after_enough_new_alpha_stickers_and_ser
         assert current.name == (done.result["version"] if promoted else "bootstrap-a")
         assert resident.models.segmenter_choice.version == current.name  # served without a restart
         assert done.result["counts"]["uploads"] == 3
+        # Promoted or kept aside, the same stickers do not queue another refresh.
+        await worker.maybe_refresh_segmenter()
+        assert len(await segmenter_jobs(q)) == 1
     finally:
         await q.close()
