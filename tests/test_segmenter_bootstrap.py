@@ -123,6 +123,22 @@ def test_from_scratch_needs_no_pretrained_weights(boot_settings: Settings, tmp_p
     assert choice.problem is None and choice.version == "scratch-a"
     assert versions.current(settings.data_dir).info["training"]["plan"]["scratch"]
 
+
+def test_cli_bootstrap_trains_promotes_and_reports(boot_env: dict[str, str], tiny_settings: Settings) -> None:
+    from segmentation import versions
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "segmenter", "bootstrap",
+                           "--minutes", "0.05", "--no-progress"],
+                          env=boot_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["promoted"] and set(report["figures"]["procedural"]) >= {"iou", "boundary_f", "alpha_mae"}
+    assert versions.current(tiny_settings.data_dir).name == report["version"]
+    assert not (tiny_settings.data_dir / "segmenter" / "work-cli").exists()
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "segmenter", "bootstrap", "--minutes", "0"],
+                         env=boot_env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--minutes must be above 0" in bad.stderr
+
 # --- the worker: bootstrap before stickers, crash resume, one bootstrap for two workers -------------
 
 
