@@ -144,6 +144,12 @@ class CeleryJobQueue(SqliteJobQueue):
         await super().close()
 
     # --- bot side ---------------------------------------------------------------------
+    async def ensure_job(self, kind: JobKind, payload: dict[str, Any], *, key: str,
+                         priority: int | None = None) -> tuple[Job, bool]:
+        # The embedded queue's insert would write a record no Celery message ever runs.
+        raise NotImplementedError("the Celery backend does not queue the segmenter's own jobs yet: run "
+                                  "`stickerbot segmenter bootstrap` on a GPU machine sharing the data dir")
+
     async def submit(self, kind: JobKind, user_id: int, payload: dict[str, Any], *,
                      priority: int | None = None) -> Job:
         kind = JobKind(kind)
