@@ -124,6 +124,7 @@ def test_from_scratch_needs_no_pretrained_weights(boot_settings: Settings, tmp_p
     assert versions.current(settings.data_dir).info["training"]["plan"]["scratch"]
 
 
+@pytest.mark.slow  # two worker processes / a CLI process: about a minute on 2 cores
 def test_cli_bootstrap_trains_promotes_and_reports(boot_env: dict[str, str], tiny_settings: Settings) -> None:
     from segmentation import versions
 
@@ -206,6 +207,7 @@ async def test_a_worker_without_a_head_bootstraps_then_serves_the_waiting_sticke
     assert alpha.min() == 0 and alpha.max() == 255  # a cut-out with transparency
 
 
+@pytest.mark.slow  # two worker processes / a CLI process: about a minute on 2 cores
 async def test_sigkill_mid_bootstrap_resumes_on_the_other_worker_and_it_runs_once(
         queue: SqliteJobQueue, tiny_settings: Settings, boot_env: dict[str, str], tmp_path: Path) -> None:
     data = DataDir(tiny_settings.data_dir)
