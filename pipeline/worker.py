@@ -112,6 +112,9 @@ class Worker:
         self._low_memory: set[str] = set()  # jobs that ran out of memory: low-memory from now on
         self._segmenter_stamp: str | None = None  # the promoted version last seen (current.json)
         self._bootstrap_asked = False
+        # False while this worker's segmenter has no trained head: it takes no sticker then, so
+        # its training must not yield to one (it would claim the training job straight back).
+        self._segmenter_ready = True
         self.outcomes: list[Outcome] = []
 
     # --- control ----------------------------------------------------------------------
@@ -189,6 +192,7 @@ class Worker:
             if await asyncio.to_thread(sync_segmenter, self.resident):
                 log.info("segmenter: now serving %s", self.resident.models.segmenter_choice)
         choice = self.resident.models.segmenter_choice
+        self._segmenter_ready = choice.problem is None
         if choice.problem is None:
             if initial:
                 await self.maybe_refresh_segmenter()
@@ -325,7 +329,8 @@ class Worker:
                 # At least one step per slice: a steady stream of stickers slows training down
                 # but cannot starve it.
                 if (self._request is None and job.kind == JobKind.TRAIN and JobKind.STICKER in self.kinds
-                        and self._steps_done > 0 and await self.queue.has_waiting([JobKind.STICKER])):
+                        and self._segmenter_ready and self._steps_done > 0
+                        and await self.queue.has_waiting([JobKind.STICKER])):
                     log.info("job %s: a sticker is waiting; training yields at the next step", job.id)
                     self._request = "yield"
                 if (self._request is None and is_refresh(job) and self._steps_done > 0

@@ -373,3 +373,26 @@ async def test_a_worker_queues_a_refresh_after_enough_new_alpha_stickers_and_ser
         assert len(await segmenter_jobs(q)) == 1
     finally:
         await q.close()
+
+
+async def test_training_on_a_worker_waiting_for_its_remover_does_not_yield_to_stickers(
+        boot_settings: Settings) -> None:
+    """That worker takes no sticker: yielding would only hand it its training job straight back."""
+    from pipeline.jobs import Resident
+    from pipeline.worker import Worker
+
+    resident = Resident.load(boot_settings)
+    assert resident.models.segmenter_choice.problem is not None
+    data = DataDir(boot_settings.data_dir)
+    q = await SqliteJobQueue.open(boot_settings.db_path)
+    try:
+        train = await q.submit(JobKind.TRAIN, 1, {"style_id": "s1", "images": sticker_set(data),
+                                                  "class_noun": "cat", "steps": 4, "seed": 1})
+        await q.submit(JobKind.STICKER, 2, {"style_id": "s0", "style_dir": "styles/s0", "photo": "x.png"})
+        worker = Worker(q, resident, data=data, kinds=[JobKind.TRAIN, JobKind.STICKER], lease_seconds=5)
+        outcomes = await worker.run(max_jobs=1)
+        assert [o.job_id for o in outcomes] == [train.id] and outcomes[0].state == "succeeded", outcomes
+        [boot] = await segmenter_jobs(q)  # asked for, for a worker that runs it
+        assert boot.state == JobState.QUEUED
+    finally:
+        await q.close()
