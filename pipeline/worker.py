@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Seconds before a worker still without a trained segmenter asks for the bootstrap again.
+BOOTSTRAP_ASK_AGAIN = 600.0
+
 # Kinds that stop at a step boundary when the worker stops (training also when a sticker waits).
 PREEMPTIBLE = (JobKind.TRAIN, JobKind.SEGMENTER, JobKind.NOOP)
 
@@ -111,7 +114,7 @@ class Worker:
         self._steps_done = 0  # progress reports of the current slice (written by the job thread)
         self._low_memory: set[str] = set()  # jobs that ran out of memory: low-memory from now on
         self._segmenter_stamp: str | None = None  # the promoted version last seen (current.json)
-        self._bootstrap_asked = False
+        self._bootstrap_asked_at: float | None = None  # monotonic time the bootstrap was last asked for
         # False while this worker's segmenter has no trained head: it takes no sticker then, so
         # its training must not yield to one (it would claim the training job straight back).
         self._segmenter_ready = True
@@ -197,8 +200,11 @@ class Worker:
             if initial:
                 await self.maybe_refresh_segmenter()
             return True
-        if not self._bootstrap_asked:
-            self._bootstrap_asked = True
+        now = time.monotonic()
+        if self._bootstrap_asked_at is None or now - self._bootstrap_asked_at >= BOOTSTRAP_ASK_AGAIN:
+            # Asked again now and then: a bootstrap that failed for good is tried once more later
+            # (while one is queued or running, ensure_job returns that one).
+            self._bootstrap_asked_at = now
             await self._ensure_segmenter_job("bootstrap", self.resident.settings.segmenter_bootstrap_minutes)
         return False
 
