@@ -154,7 +154,30 @@ def collect_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -
 
 
 def count_alpha_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -> int:
-    return len(collect_uploads(data_root, db_path, max_pixels=max_pixels))
+    """How many distinct uploaded files carry alpha: only files not yet in the index are decoded
+    (the refresh trigger asks after every training job)."""
+    from pipeline.errors import ImageError
+    from pipeline.images import decode_image
+
+    index_path = versions.root_of(data_root) / "uploads-index.json"
+    index: dict[str, Any] = versions.read_json(index_path) or {}
+    useful: set[str] = set()
+    changed = False
+    for rel, sha, _group in _uploaded_paths(data_root, db_path):
+        if sha not in index:
+            path = data_root / rel
+            try:
+                decoded = decode_image(path.read_bytes(), name=path.name, max_pixels=max_pixels)
+            except (OSError, ImageError):
+                continue
+            alpha = np.asarray(decoded.image.getchannel("A"))
+            index[sha] = bool((alpha < 128).any() and (alpha >= 128).any())
+            changed = True
+        if index[sha]:
+            useful.add(sha)
+    if changed:
+        versions.write_json_atomic(index_path, index)
+    return len(useful)
 
 
 def heldout_groups(groups: Sequence[str]) -> set[str]:
@@ -216,6 +239,8 @@ def gather_data(plan: BootstrapPlan, *, data_root: Path, db_path: Path | None, m
         "procedural": len(procedural), "twemoji": len(twemoji), "operator": len(extra),
         "uploads": len(uploads), "uploads_train": len(train_up), "uploads_heldout": len(held_up),
         "upload_users": len({u.group for u in uploads}), "heldout_procedural": len(heldout_procedural),
+        # what the refresh trigger counts (distinct files with alpha; the index is warm by now)
+        "upload_files": count_alpha_uploads(data_root, db_path, max_pixels=max_pixels),
     }
     return TrainingData(train=train, heldout_procedural=heldout_procedural,
                         heldout_uploads=[_fit(u.image, sticker_size) for u in held_up], counts=counts,
@@ -331,7 +356,7 @@ def run_segmenter_training(
         "serving_figures": serving_figures,
         "promoted": promote, "counts": data.counts, "notes": data.notes,
         "learned_from_uploads": data.counts.get("uploads_train", 0),
-        "uploads_seen": data.counts.get("uploads", 0),
+        "uploads_seen": data.counts.get("upload_files", 0),
         "training": {"steps": result.steps, "epochs": result.epochs, "seconds": round(result.seconds, 1),
                      "resumed_from_step": result.resumed_from,
                      "best_val_iou": round(result.best_iou, 4), "plan": asdict(plan)},
