@@ -291,6 +291,9 @@ class Notifier:
             )
             file_id = message.sticker.file_id if message.sticker else None
             await self.repo.mark_sticker(sticker_id, telegram_file_id=file_id)
+        withheld = int(result.get("withheld") or 0)
+        if withheld:
+            await self.bot.send_message(job.user_id, t(lang, "sticker_withheld", count=withheld))
 
     async def _sticker_row(self, job: Job, style_id: str | None, item: dict, caption: str) -> str:
         existing = await self.repo.sticker_for_result(job.id, str(item["path"]))

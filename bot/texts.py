@@ -93,6 +93,10 @@ TEXTS: dict[str, dict[str, str]] = {
         ),
         "sticker_running": "🎨 Drawing your sticker in «{name}»: {percent}%",
         "sticker_failed": "😞 I couldn't draw that sticker: {error}",
+        "sticker_withheld": (
+            "🙈 {count} sticker(s) not sent: the safety filter flagged the picture as possibly "
+            "explicit. Try another photo."
+        ),
         "sticker_cancelled": "The sticker job was cancelled.",
         "sticker_caption": "Style «{name}» · {emoji}",
         "sticker_quota": "You've made {limit} stickers today, the daily limit. Come back tomorrow!",
@@ -241,6 +245,10 @@ TEXTS: dict[str, dict[str, str]] = {
         ),
         "sticker_running": "🎨 Рисую стикер в стиле «{name}»: {percent}%",
         "sticker_failed": "😞 Не получилось нарисовать стикер: {error}",
+        "sticker_withheld": (
+            "🙈 Не отправлено стикеров: {count}. Фильтр безопасности счёл картинку, возможно, "
+            "непристойной. Попробуй другое фото."
+        ),
         "sticker_cancelled": "Задача на стикер отменена.",
         "sticker_caption": "Стиль «{name}» · {emoji}",
         "sticker_quota": "Сегодня сделано {limit} стикеров — это дневной лимит. Приходи завтра!",

@@ -3,6 +3,7 @@
     StickerbotError                 base; ``str(err)`` is a message a user or operator can act on
     ├── ConfigError                 a setting is missing or malformed (names the variable)
     ├── ModelNotFoundError          a model id/path cannot be loaded offline (says how to fix)
+    ├── UntrainedSegmenterError     the segmenter has no trained foreground head (says how to fix)
     ├── InputError                  bad input from a user; nothing else was touched
     │   ├── ImageError              one image cannot be used (names the file)
     │   │   ├── NotAnImageError     not an image at all, or corrupt
@@ -34,6 +35,10 @@ class ConfigError(StickerbotError):
 
 class ModelNotFoundError(StickerbotError):
     """A model cannot be loaded from the given id or directory."""
+
+
+class UntrainedSegmenterError(StickerbotError):
+    """The background remover has no trained foreground head: stickers would be opaque rectangles."""
 
 
 class InputError(StickerbotError):

@@ -10,7 +10,7 @@ the Celery backend):
   style written atomically to ``styles/<style_id>/``.
 - ``sticker``: ``{"style_id", "style_dir", "photo", "seed", "variants"}`` ->
   ``{"stickers": [{"path": "results/<job_id>/<n>.webp", "emoji", "seed"}], "caption", "prompt",
-  "timings"}``.
+  "timings", "withheld"}`` (``withheld``: variants the NSFW filter dropped; the bot says so).
 - ``segmenter``: ``{"mode": "bootstrap" | "refresh", "minutes", "key"}`` -> ``{"mode", "version",
   "promoted", "figures", "serving_figures", "counts", "notes"}``; the product's own job (owner
   ``SYSTEM_USER``): trains the background remover into ``segmenter/<version>/``, resuming from
@@ -64,13 +64,13 @@ class Resident:
 
     @classmethod
     def load(cls, settings: Settings) -> Resident:
-        from pipeline.models import load_models
+        from pipeline.models import fetch_lcm_lora, load_models
         from pipeline.stickers.sticker_pipeline import StickerModels
 
         models = load_models(settings)
         return cls(settings=settings, data=DataDir(settings.data_dir), models=models,
                    stickers=StickerModels.create(models, cache_size=settings.adapter_cache_size,
-                                                 lcm_lora=settings.lcm_lora))
+                                                 lcm_lora=fetch_lcm_lora(models.sources)))
 
 
 def checkpoint_dir(data: DataDir, job_id: str) -> Path:
@@ -200,7 +200,7 @@ def run_sticker(job: Job, resident: Resident, *, should_stop: ShouldStop, progre
         write_atomic(path, webp)
         stickers.append({"path": data.relative(path), "emoji": result.emoji, "seed": sticker_seed})
     return {"stickers": stickers, "caption": result.caption, "prompt": result.prompt,
-            "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+            "timings": {k: round(v, 4) for k, v in result.timings.items()}, "withheld": result.withheld}
 
 
 def run_noop(job: Job, resident: Resident | None, *, should_stop: ShouldStop, progress: Progress,

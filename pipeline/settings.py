@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     lcm_lora: str | None = None  # an LCM-LoRA id or path enables the fast 4-step mode
     model_cache_dir: Path | None = None  # Hugging Face cache; default: the hub's own
     tiny_zoo_dir: Path | None = None  # default: <data_dir>/tiny-zoo
+    # The diffusion repository's NSFW classifier: a flagged sticker is never sent. On by default.
+    safety_checker: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 

@@ -433,6 +433,9 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
         resident = await asyncio.to_thread(Resident.load, settings)
         log.info("models loaded in %.1f s (%s on %s)", time.perf_counter() - started, settings.preset,
                  resident.models.device)
+        if resident.models.segmenter.head_problem and JobKind.STICKER in kinds:
+            log.warning("sticker jobs wait for the segmenter bootstrap: %s",
+                        resident.models.segmenter.head_problem)
     if settings.worker_metrics_port:
         try:
             start_metrics_server(settings.worker_metrics_port)

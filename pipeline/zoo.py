@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ WORDS = tuple(
 )
 
 
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = sorted(ByteLevel.alphabet())
@@ -61,7 +62,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def build_clip_tokenizer(max_length: int = 77):  # -> CLIPTokenizer
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_vocab_and_merges()
+    vocab, merges = clip_vocab_and_merges()
     # transformers 5 accepts merge pairs; its annotation lists only strings.
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)  # type: ignore[arg-type]
 
@@ -78,7 +79,28 @@ def build_bert_tokenizer():  # -> BertTokenizer
     return tok
 
 
-def _save_diffusion(arch: Architecture, out: Path) -> None:
+def build_safety_checker(vision: dict[str, Any], *, projection_dim: int = 32, flags: bool = False):
+    """A random-weight ``StableDiffusionSafetyChecker`` (the class SD 1.5 ships) from a CLIP vision
+    config. Its concept thresholds decide what it does: ``flags=False`` never flags an image,
+    ``flags=True`` flags every one (a cosine similarity lies in [-1, 1]; the threshold is put
+    outside that range), so tests can drive both branches without real weights."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                     "num_hidden_layers": 1},
+                        vision_config=vision, projection_dim=projection_dim)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        threshold = -2.0 if flags else 2.0
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    return checker.eval()
+
+
+def build_diffusion_pipeline(arch: Architecture, *, safety_checker: Any = None,
+                             feature_extractor: Any = None):  # -> StableDiffusionPipeline
+    """Random-weight SD components of ``arch`` in a ``StableDiffusionPipeline`` (not saved)."""
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
@@ -99,20 +121,24 @@ def _save_diffusion(arch: Architecture, out: Path) -> None:
     )
     text_encoder = CLIPTextModel(text_config)
     scheduler = PNDMScheduler.from_config(arch.scheduler)
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
     )
-    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # from DiffusionPipeline
 
 
-def _save_blip(arch: Architecture, out: Path) -> None:
+def save_diffusion(arch: Architecture, out: Path) -> None:
+    pipe = build_diffusion_pipeline(arch)
+    pipe.save_pretrained(out)
+
+
+def save_blip(arch: Architecture, out: Path) -> None:
     from transformers import (
         BlipConfig,
         BlipForConditionalGeneration,
@@ -141,7 +167,7 @@ def _save_blip(arch: Architecture, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _save_segformer(arch: Architecture, out: Path) -> None:
+def save_segformer(arch: Architecture, out: Path) -> None:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     # num_labels and the label maps are PretrainedConfig kwargs the stubs do not list.
@@ -154,7 +180,7 @@ def _save_segformer(arch: Architecture, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _save_clip(arch: Architecture, out: Path) -> None:
+def save_clip(arch: Architecture, out: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = build_clip_tokenizer()
@@ -173,7 +199,7 @@ def _save_clip(arch: Architecture, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _save_dino(arch: Architecture, out: Path) -> None:
+def save_dino(arch: Architecture, out: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     model = ViTModel(ViTConfig(**arch.dino), add_pooling_layer=False)
@@ -184,11 +210,11 @@ def _save_dino(arch: Architecture, out: Path) -> None:
 
 # Each entry: sub-directory name -> builder. The layout mirrors the real checkpoints.
 _PARTS = {
-    "sd": _save_diffusion,
-    "blip": _save_blip,
-    "segformer": _save_segformer,
-    "clip": _save_clip,
-    "dino": _save_dino,
+    "sd": save_diffusion,
+    "blip": save_blip,
+    "segformer": save_segformer,
+    "clip": save_clip,
+    "dino": save_dino,
 }
 
 

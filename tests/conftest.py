@@ -76,3 +76,30 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tiny_zoo: Path):  # ->
     settings = load_settings(preset="tiny", data_dir=tmp_path_factory.mktemp("shared-data"),
                              tiny_zoo_dir=tiny_zoo, device="cpu", dtype="float32")
     return load_models(settings)
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding tiny models under the sd15 preset's real ids and layouts
+    (tests/hub_mirror.py), built once per session (about 10 s on 2 cores). Read-only: a test
+    that damages files copies it first (``hub_mirror.copy_hub``)."""
+    from tests.hub_mirror import build_hub_cache
+
+    return build_hub_cache(tmp_path_factory.mktemp("hub-mirror"))
+
+
+@pytest.fixture
+def sd15_settings(tmp_path: Path, hub_cache: Path) -> Settings:
+    """The default preset, offline, against the mirror (in-process: the cache goes in as
+    ``model_cache_dir``, since huggingface_hub reads HF_HUB_CACHE once at import)."""
+    return load_settings(preset="sd15", data_dir=tmp_path / "data", model_cache_dir=hub_cache,
+                         device="cpu", dtype="auto")
+
+
+@pytest.fixture
+def sd15_env(sd15_settings: Settings, hub_cache: Path) -> dict[str, str]:
+    """Environment for subprocesses on the sd15 preset: HF_HUB_CACHE/HF_HOME point at the mirror,
+    as an operator's cache after the first download."""
+    from tests.hub_mirror import hub_env
+
+    return hub_env(hub_cache, STICKERBOT_DATA_DIR=str(sd15_settings.data_dir))

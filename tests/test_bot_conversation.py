@@ -275,6 +275,31 @@ async def test_training_progress_ready_sticker_and_pack(fake: FakeBotAPI, settin
         await queue.close()
 
 
+async def test_a_withheld_sticker_is_explained_not_sent(fake: FakeBotAPI, settings: Settings) -> None:
+    """The worker's NSFW filter withheld the only variant: the user reads why, and no sticker
+    (nor an empty one) is sent."""
+    queue = await SqliteJobQueue.from_settings(settings)
+    worker = QueueWorker(queue, settings.data_dir)
+    try:
+        async with running_bot(settings):
+            ann = user(71)
+            await send_stickers(fake, ann, 3)
+            fake.send_text(ann, "/train")
+            await fake.wait_text(71, "What do your stickers show?")
+            fake.send_text(ann, "cat")
+            await worker.train(await worker.claim(JobKind.TRAIN))
+            await fake.wait_text(71, "is ready and active")
+            fake.send_photo(ann, fake.add_file(picture(9, fmt="JPEG")))
+            job_id = await worker.claim(JobKind.STICKER)
+            await queue.complete(job_id, "test-worker", {"stickers": [], "caption": "", "prompt": "p",
+                                                         "timings": {}, "withheld": 1})
+            await fake.wait_text(71, "the safety filter flagged")
+            assert not fake.calls_to("sendSticker", 71)
+            assert await wait_delivered(queue)
+    finally:
+        await queue.close()
+
+
 async def test_bot_restart_mid_training_still_delivers(fake: FakeBotAPI, settings: Settings) -> None:
     queue = await SqliteJobQueue.from_settings(settings)
     worker = QueueWorker(queue, settings.data_dir)

@@ -86,5 +86,5 @@ def test_missing_model_error_says_which_and_how(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         load_segmenter("nobody/no-such-model", device=torch.device("cpu"), cache_dir=str(tmp_path))
     msg = str(err.value)
-    assert "nobody/no-such-model" in msg and "huggingface-cli download" in msg
+    assert "nobody/no-such-model" in msg and "hf download" in msg
     assert str(tmp_path) in msg

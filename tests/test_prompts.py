@@ -51,3 +51,33 @@ def test_check_template_requires_fields() -> None:
         instance_prompt("zqv", "cat", "a {class_noun} sticker")
     with pytest.raises(ValueError, match="class_noun"):
         class_prompt("cat", "a sticker")
+
+
+def test_a_long_caption_is_shortened_never_the_identifier() -> None:
+    """With the CLIP tokenizer's count the prompt fits in 77 tokens: the caption loses words from
+    its end; the identifier and class noun stay, even where the template puts them last."""
+    from pipeline.stickers.prompts import CLIP_MAX_TOKENS, fit_list_prompt
+    from pipeline.zoo import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+
+    def count(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
+    caption = " ".join(["a happy cat with a red hat sitting on a table"] * 12)
+    assert count(sticker_prompt("zqv", "cat", caption)) > CLIP_MAX_TOKENS  # the old prompt: cut by CLIP
+    for template in ("a {identifier} {class_noun} sticker, {caption}",
+                     "{caption}, in {identifier} {class_noun} style"):
+        prompt = sticker_prompt("zqv", "cat", caption, template, count_tokens=count)
+        assert count(prompt) <= CLIP_MAX_TOKENS
+        assert "zqv cat" in prompt
+        ids = tokenizer(prompt, truncation=True, max_length=CLIP_MAX_TOKENS).input_ids
+        assert "zqv" in tokenizer.decode(ids)  # what the text encoder actually reads
+        assert count(prompt) > CLIP_MAX_TOKENS - 12  # shortened by words, not emptied
+        assert not prompt.rstrip().endswith((" a", " with", " on", ","))
+    short = sticker_prompt("zqv", "cat", "a cat", count_tokens=count)
+    assert short == "a zqv cat sticker, a cat"
+    with pytest.raises(ValueError, match="shorten the template"):
+        sticker_prompt("zqv", "cat", "x", "{identifier} " + "word " * 80, count_tokens=count)
+    negative = fit_list_prompt(", ".join([DEFAULT_NEGATIVE_PROMPT] * 4), count_tokens=count)
+    assert count(negative) <= CLIP_MAX_TOKENS and negative.startswith("photo, realistic")

@@ -52,15 +52,15 @@ def boot_settings(tiny_settings: Settings, encoder: Path) -> Settings:
 
 def test_head_problem_names_encoders_and_many_class_heads(encoder: Path, tiny_zoo: Path,
                                                            tmp_path: Path) -> None:
-    from pipeline.models import segmenter_head_problem
+    from pipeline.models import segmenter_config_problem as segmenter_head_problem
 
-    assert "no segmentation head" in (segmenter_head_problem(encoder) or "")
+    assert "no trained segmentation head" in (segmenter_head_problem(encoder) or "")
     assert segmenter_head_problem(tiny_zoo / "segformer") is None
     ade = tmp_path / "ade"
     ade.mkdir()
     (ade / "config.json").write_text(json.dumps({"architectures": ["SegformerForSemanticSegmentation"],
                                                  "id2label": {"0": "wall", "1": "floor"}}))
-    assert "none of them is the background" in (segmenter_head_problem(ade) or "")
+    assert "none is a background class" in (segmenter_head_problem(ade) or "")
     assert segmenter_head_problem(tmp_path / "missing") is None  # loading it will say what is wrong
 
 

@@ -80,12 +80,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         try:
             sources = resolve_sources(settings)
-            for role, problem in check_available(sources).items():
+            available = check_available(sources)
+            for role, problem in available.items():
                 src = getattr(sources, role)
                 if role == "segmenter" and settings.segmenter_bootstrap_from == "scratch":
                     line(f"model:{role}", f"{src} not used (the remover is trained from scratch)")
                     continue
                 line(f"model:{role}", src if problem is None else problem, problem is None)
+            if available["segmenter"] is None:
+                # A SegFormer loads in a second on the CPU; its config and keys say whether it has a
+                # trained foreground head (an ImageNet classification checkpoint has none).
+                import torch
+
+                from pipeline.models import load_segmenter
+
+                segmenter = load_segmenter(sources.segmenter, device=torch.device("cpu"),
+                                           cache_dir=sources.cache_dir)
+                problem = segmenter.head_problem
+                line("segmenter", "has a trained foreground head" if problem is None else problem,
+                     problem is None)
+            line("nsfw filter", "on (the diffusion repo's safety checker)" if settings.safety_checker
+                 else "off (STICKERBOT_SAFETY_CHECKER=false)",
+                 settings.safety_checker or settings.preset == "tiny")
         except StickerbotError as exc:
             line("models", str(exc), ok=False)
 

@@ -174,8 +174,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             ARCHITECTURES[settings.preset].segformer, size, device=device, seed=args.seed
         )
     else:
-        source = args.init or resolve_sources(settings).segmenter
-        segmenter = load_segmenter(source, device=device, num_labels=1)
+        sources = resolve_sources(settings)
+        segmenter = load_segmenter(args.init or sources.segmenter, device=device, num_labels=1,
+                                   cache_dir=sources.cache_dir)
     steps = -(-config.pairs_per_epoch // config.batch_size) * config.epochs
     bar = tqdm(total=steps, disable=args.no_progress, unit="step", desc="segmenter")
     seen = {"step": 0}

@@ -66,6 +66,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     models = StickerModels.load(settings)
     result = make_sticker(models, style, photo, options, photo_name=photo_path.name,
                           max_pixels=settings.max_image_pixels)
+    if result.withheld:
+        print(f"stickerbot sticker: {result.withheld} sticker(s) withheld: the safety checker flagged "
+              "them (STICKERBOT_SAFETY_CHECKER)", file=sys.stderr)
+    if not result.webp:
+        return 1
     # 3. write them
     paths = output_paths(Path(args.out), len(result.webp))
     try:

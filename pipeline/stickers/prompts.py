@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
+
+# CLIP's text encoder reads 77 tokens, start and end tokens included; the rest is cut silently.
+CLIP_MAX_TOKENS = 77
+# text -> tokens including start/end: len(tokenizer(text, verbose=False).input_ids)
+TokenCounter = Callable[[str], int]
 
 DEFAULT_INSTANCE_TEMPLATE = "a {identifier} {class_noun} sticker"
 DEFAULT_CLASS_TEMPLATE = "a {class_noun} sticker"
@@ -52,9 +58,43 @@ def class_prompt(class_noun: str, template: str = DEFAULT_CLASS_TEMPLATE) -> str
 
 
 def sticker_prompt(identifier: str, class_noun: str, caption: str,
-                   template: str = DEFAULT_STICKER_TEMPLATE) -> str:
+                   template: str = DEFAULT_STICKER_TEMPLATE, *, count_tokens: TokenCounter | None = None,
+                   max_tokens: int = CLIP_MAX_TOKENS) -> str:
     """The img2img prompt for one photo: the style's tokens plus the photo's caption. An empty
-    caption leaves no dangling comma."""
+    caption leaves no dangling comma.
+
+    With ``count_tokens`` the prompt fits in ``max_tokens``: the caption loses words from its end
+    until it does (the text encoder would otherwise cut the prompt's end, wherever the template
+    put the identifier). The identifier and class noun are never shortened; a ValueError says so
+    when the template alone is too long.
+    """
     check_template(template, required={"identifier"})
-    return _squash(template.format(identifier=identifier, class_noun=class_noun,
-                                   caption=caption.strip()))
+
+    def build(text: str) -> str:
+        return _squash(template.format(identifier=identifier, class_noun=class_noun, caption=text))
+
+    words = caption.split()
+    prompt = build(" ".join(words))
+    if count_tokens is None:
+        return prompt
+    while count_tokens(prompt) > max_tokens:
+        if not words:
+            raise ValueError(f"the prompt {prompt!r} needs {count_tokens(prompt)} tokens without any "
+                             f"caption, more than the text encoder's {max_tokens}: shorten the template")
+        words.pop()
+        while words and words[-1].rstrip(",").lower() in _DANGLING:
+            words.pop()
+        prompt = build(" ".join(words).rstrip(","))
+    return prompt
+
+
+# Words a shortened caption should not end on.
+_DANGLING = {"a", "an", "the", "and", "with", "of", "in", "on", "at", "to", "is", "are", "or", "its"}
+
+
+def fit_list_prompt(text: str, *, count_tokens: TokenCounter, max_tokens: int = CLIP_MAX_TOKENS) -> str:
+    """A comma-separated prompt (the negative prompt) cut after its last whole item that fits."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    while items and count_tokens(", ".join(items)) > max_tokens:
+        items.pop()
+    return ", ".join(items)

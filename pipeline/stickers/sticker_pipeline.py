@@ -6,10 +6,12 @@
     result = make_sticker(sticker_models, StyleRef.open(style_dir, style_id=sid),
                           photo_bytes, StickerOptions(seed=7, variants=2))   # per job
 
-``make_sticker`` runs decode -> caption -> prompt -> img2img (the style's adapter) -> background
-removal -> post-processing -> WEBP, timing each stage. Bad input raises a specific
-:class:`~pipeline.errors.StickerbotError` (an ImageError naming the photo, a StyleError naming
-the style, an InputError for bad options); every sticker it returns passes
+``make_sticker`` runs decode -> caption -> prompt -> img2img (the style's adapter) -> NSFW filter
+-> background removal -> post-processing -> WEBP, timing each stage. It refuses to run with a
+segmenter that has no trained foreground head (``UntrainedSegmenterError``), and a sticker the
+safety checker flags is dropped (counted in ``StickerResult.withheld``), never encoded. Bad input
+raises a specific :class:`~pipeline.errors.StickerbotError` (an ImageError naming the photo, a
+StyleError naming the style, an InputError for bad options); every sticker it returns passes
 :func:`~pipeline.stickers.postprocess.check_sticker`.
 """
 
@@ -48,8 +50,10 @@ from pipeline.stickers.prompts import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_STICKER_TEMPLATE,
     check_template,
+    fit_list_prompt,
     sticker_prompt,
 )
+from pipeline.stickers.safety import flag_unsafe
 
 if TYPE_CHECKING:
     from pipeline.models import Models
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode", "caption", "diffusion", "segmentation", "post")
+STAGES = ("decode", "caption", "diffusion", "safety", "segmentation", "post")
 # A cut-out whose opaque part is under this fraction of the image found no subject: the sticker
 # falls back to the whole generated image with rounded corners.
 MIN_SUBJECT_FRACTION = 0.01
@@ -127,10 +131,11 @@ class StickerModels:
     @classmethod
     def load(cls, settings: Settings) -> StickerModels:
         """Load the preset's models and build the generator (for the CLI and scripts)."""
-        from pipeline.models import load_models
+        from pipeline.models import fetch_lcm_lora, load_models
 
-        return cls.create(load_models(settings), cache_size=settings.adapter_cache_size,
-                          lcm_lora=settings.lcm_lora)
+        models = load_models(settings)
+        return cls.create(models, cache_size=settings.adapter_cache_size,
+                          lcm_lora=fetch_lcm_lora(models.sources))
 
 
 @dataclass
@@ -139,13 +144,14 @@ class StickerResult:
     caption: str  # the cleaned caption ("" when the captioner said nothing usable)
     prompt: str
     negative_prompt: str
-    seeds: list[int]  # seeds[i] made webp[i]
+    seeds: list[int]  # seeds[i] made webp[i] (withheld variants' seeds are not listed)
     emoji: str
     timings: dict[str, float]  # seconds per stage (STAGES) and "total"
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each sticker
     style_id: str = ""
     # True where segmentation found no subject and the whole image (rounded) was used.
     fallback_cutout: list[bool] = field(default_factory=list)
+    withheld: int = 0  # variants the NSFW filter flagged: dropped, never encoded
 
 
 class _Timer:
@@ -175,13 +181,15 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
     directory (its name is the id). Raises ImageError (naming ``photo_name``), StyleError
     (naming the style) or InputError; never returns an invalid sticker.
     """
+    from pipeline.models import check_segmenter
     from segmentation.removal import remove_background
 
     options = options or StickerOptions()
     timer = _Timer()
     start = time.perf_counter()
-    # 1. check the style (cheap, no torch) before any model work
+    # 1. check the style (cheap, no torch) and the background remover before any model work
     ref = style if isinstance(style, StyleRef) else StyleRef.open(style)
+    check_segmenter(models.models.segmenter)
     diffusion = models.models.diffusion
     # 2. decode the photo and fit it to the model's resolution without distortion
     with timer.stage("decode"):
@@ -193,17 +201,39 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
     with timer.stage("caption"):
         caption = caption_image(models.models.captioner, model_input, prefix=options.caption_prefix,
                                 max_words=options.max_caption_words)
-        prompt = sticker_prompt(ref.info.identifier, ref.info.class_noun, caption,
-                                options.prompt_template)
+        tokenizer = diffusion.tokenizer
+
+        def count_tokens(text: str) -> int:
+            # verbose=False: measuring a long text is not feeding it to the model (no warning)
+            return len(tokenizer(text, verbose=False).input_ids)
+
+        limit = int(getattr(tokenizer, "model_max_length", 77) or 77)
+        try:
+            prompt = sticker_prompt(ref.info.identifier, ref.info.class_noun, caption,
+                                    options.prompt_template, count_tokens=count_tokens, max_tokens=limit)
+        except ValueError as exc:
+            raise InputError(f"bad sticker option: {exc}") from exc
+        negative = fit_list_prompt(options.negative_prompt, count_tokens=count_tokens, max_tokens=limit)
     # 4. img2img with the style's adapter, one image per seed
     with timer.stage("diffusion"):
         images = models.generator.generate(
-            model_input, prompt=prompt, negative_prompt=options.negative_prompt,
+            model_input, prompt=prompt, negative_prompt=negative,
             seeds=options.seeds, style=ref, params=options.generation_params())
-    # 5. cut the subject out (soft alpha)
+    # 5. the NSFW filter: a flagged image goes no further
+    seeds = options.seeds
+    with timer.stage("safety"):
+        if models.models.safety is not None:
+            flags = flag_unsafe(models.models.safety, images)
+            if any(flags):
+                log.warning("the safety checker flagged %d of %d images (style %s); withheld",
+                            sum(flags), len(flags), ref.id)
+            images = [im for im, bad in zip(images, flags, strict=True) if not bad]
+            seeds = [sd for sd, bad in zip(seeds, flags, strict=True) if not bad]
+    withheld = len(options.seeds) - len(images)
+    # 6. cut the subject out (soft alpha)
     with timer.stage("segmentation"):
-        cutouts = remove_background(models.models.segmenter, images, flip=options.flip)
-    # 6. trim, fit to 512, outline, shadow, encode; check every file against Telegram's rules
+        cutouts = remove_background(models.models.segmenter, images, flip=options.flip) if images else []
+    # 7. trim, fit to 512, outline, shadow, encode; check every file against Telegram's rules
     webps: list[bytes] = []
     sizes: list[tuple[int, int]] = []
     fallbacks: list[bool] = []
@@ -222,7 +252,7 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
         emoji = suggest_emoji(caption)
     timer.timings["total"] = time.perf_counter() - start
     return StickerResult(
-        webp=webps, caption=caption, prompt=prompt, negative_prompt=options.negative_prompt,
-        seeds=options.seeds, emoji=emoji, timings=timer.timings, sizes=sizes, style_id=ref.id,
-        fallback_cutout=fallbacks,
+        webp=webps, caption=caption, prompt=prompt, negative_prompt=negative,
+        seeds=seeds, emoji=emoji, timings=timer.timings, sizes=sizes, style_id=ref.id,
+        fallback_cutout=fallbacks, withheld=withheld,
     )
