@@ -56,7 +56,8 @@ ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 
     HF_HOME=/models STICKERBOT_DATA_DIR=/data STICKERBOT_QUEUE_BACKEND=celery \
     STICKERBOT_DEVICE=cuda STICKERBOT_WORKER_METRICS_PORT=9101
 # Ubuntu 24.04's Python is 3.12 (the package needs >= 3.11).
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+# libcairo2: the emoji extra rasterises Twemoji for the background remover's bootstrap.
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv libcairo2 \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 10001 stickerbot && mkdir -p /data /models \
@@ -67,7 +68,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY bot ./bot
 COPY segmentation ./segmentation
-RUN pip install ".[celery]"
+RUN pip install ".[celery,emoji]"
 USER stickerbot
 VOLUME ["/data", "/models"]
 EXPOSE 9101
@@ -86,7 +87,9 @@ ARG TORCH_SPEC
 ARG TORCH_CPU_INDEX
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HOME=/models STICKERBOT_DATA_DIR=/data
-RUN useradd --create-home --uid 10001 stickerbot && mkdir -p /data /models \
+RUN apt-get update && apt-get install -y --no-install-recommends libcairo2 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 stickerbot && mkdir -p /data /models \
     && chown stickerbot:stickerbot /data /models
 WORKDIR /app
 RUN pip install --index-url ${TORCH_CPU_INDEX} "${TORCH_SPEC}"
@@ -94,7 +97,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY bot ./bot
 COPY segmentation ./segmentation
-RUN pip install ".[celery]"
+RUN pip install ".[celery,emoji]"
 USER stickerbot
 VOLUME ["/data", "/models"]
 CMD ["stickerbot", "run"]

@@ -92,6 +92,10 @@ TEXTS: dict[str, dict[str, str]] = {
             "You have no ready style yet. Send me stickers in one style first, then /train."
         ),
         "sticker_queued": "🎨 Drawing your sticker in «{name}»… (position {position}{eta})",
+        "sticker_getting_ready": (
+            "⏳ Getting ready: on its first start the bot is learning to cut stickers out of their "
+            "background{eta}. Your sticker in «{name}» comes right after."
+        ),
         "sticker_running": "🎨 Drawing your sticker in «{name}»: {percent}%",
         "sticker_failed": "😞 I couldn't draw that sticker: {error}",
         "sticker_withheld": (
@@ -149,7 +153,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "not_admin": "This command is for the bot's admins.",
         "stats": (
             "Users: {users}\nStyles: {styles}\nStickers: {stickers}\nJobs: {jobs}\n"
-            "Queue depth: {depth}\nWorker: {worker}"
+            "Queue depth: {depth}\nWorker: {worker}\nBackground remover: {segmenter}"
         ),
         "worker_busy": "busy ({n} running, lease alive)",
         "worker_idle": "idle (last job finished {ago} ago)",
@@ -245,6 +249,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "train_busy": "«{name}» уже обучается. Ход — в /status.",
         "sticker_no_style": "Готового стиля пока нет. Пришли стикеры в одном стиле, затем /train.",
         "sticker_queued": "🎨 Рисую стикер в стиле «{name}»… (место {position}{eta})",
+        "sticker_getting_ready": (
+            "⏳ Готовлюсь: при первом запуске бот учится вырезать стикеры из фона{eta}. "
+            "Стикер в стиле «{name}» будет сразу после."
+        ),
         "sticker_running": "🎨 Рисую стикер в стиле «{name}»: {percent}%",
         "sticker_failed": "😞 Не получилось нарисовать стикер: {error}",
         "sticker_withheld": (

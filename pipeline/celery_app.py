@@ -395,10 +395,12 @@ def _record(kind: JobKind, seconds: float, *, error: BaseException | None = None
 def run_handler(runtime: WorkerRuntime, job: Job, hooks: JobHooks) -> dict[str, Any]:
     """The embedded worker's handler for ``job`` (:func:`pipeline.jobs.run_job`), with its
     out-of-memory policy: once more on the low-memory profile, then fail."""
-    from pipeline.jobs import run_job
+    from pipeline.jobs import run_job, sync_segmenter
     from pipeline.memory import free_accelerator_memory, is_out_of_memory
 
     resident = runtime.resident()
+    if job.kind == JobKind.STICKER and sync_segmenter(resident):  # a version promoted meanwhile
+        log.info("segmenter: now serving %s", resident.models.segmenter_choice)
     while True:
         low_memory = job.id in runtime.low_memory
         loads = resident.stickers.generator.loads

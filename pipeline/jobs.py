@@ -12,6 +12,10 @@ the Celery backend):
 - ``sticker``: ``{"style_id", "style_dir", "photo", "seed", "variants"}`` ->
   ``{"stickers": [{"path": "results/<job_id>/<n>.webp", "emoji", "seed"}], "caption", "prompt",
   "timings", "withheld"}`` (``withheld``: variants the NSFW filter dropped; the bot says so).
+- ``segmenter``: ``{"mode": "bootstrap" | "refresh", "minutes", "key"}`` -> ``{"mode", "version",
+  "promoted", "figures", "serving_figures", "counts", "notes"}``; the product's own job (owner
+  ``SYSTEM_USER``): trains the background remover into ``segmenter/<version>/``, resuming from
+  ``checkpoints/<job_id>/``; it asks ``should_stop()`` after every epoch.
 - ``noop``: ``{"sleep": seconds}`` -> ``{}`` (queue tests and benchmarks).
 
 ``should_stop()`` returns ``"yield"`` (checkpoint and raise TrainingPreempted: a sticker is
@@ -33,10 +37,11 @@ from pipeline.queue.base import Job, JobKind
 from pipeline.storage.files import DataDir, write_atomic
 
 if TYPE_CHECKING:
-    from pipeline.models import Models
+    from pipeline.models import Models, ModelSources, Segmenter
     from pipeline.settings import Settings
     from pipeline.stickers.sticker_pipeline import StickerModels
     from pipeline.training.trainer import TrainingConfig
+    from segmentation.bootstrap import SegmenterRun
 
 StopRequest = Literal["cancel", "yield"] | None
 ShouldStop = Callable[[], StopRequest]
@@ -235,9 +240,96 @@ def run_noop(job: Job, resident: Resident | None, *, should_stop: ShouldStop, pr
     return {"low_memory": True} if low_memory else {}
 
 
+def train_segmenter_version(settings: Settings, *, mode: str, name: str, work_dir: Path, device: Any,
+                            sources: ModelSources, serving: Segmenter | None = None,
+                            progress: Progress | None = None,
+                            should_stop: ShouldStop | None = None) -> SegmenterRun:
+    """A bootstrap (from the configured encoder, or from random weights) or a refresh (from the
+    serving version, measured against it): gather the data, train, measure, write the version,
+    promote it when the rule allows (``segmentation.bootstrap``). Resumes from ``work_dir``."""
+    from pipeline.architectures import ARCHITECTURES
+    from pipeline.models import choose_segmenter, load_segmenter
+    from segmentation.bootstrap import gather_data, plan_for, run_segmenter_training
+    from segmentation.training import fresh_segmenter
+
+    # 1. where it starts
+    choice = choose_segmenter(settings, sources)
+    minutes = (settings.segmenter_bootstrap_minutes if mode == "bootstrap"
+               else settings.segmenter_refresh_minutes)
+    plan = plan_for(settings.preset, size=settings.segmenter_train_size, minutes=minutes,
+                    scratch=mode == "bootstrap" and choice.base.startswith("scratch:"))
+    if mode == "refresh":
+        if choice.version is None:
+            raise InputError("a refresh needs a trained segmenter version to start from; bootstrap first")
+        start = choice.source
+        segmenter = load_segmenter(start, device=device)
+    elif plan.scratch:
+        start = choice.base
+        segmenter = fresh_segmenter(ARCHITECTURES[settings.preset].segformer, plan.size, device=device)
+    else:
+        start = choice.base
+        segmenter = load_segmenter(start, device=device, cache_dir=sources.cache_dir, num_labels=1)
+    # 2. the data (procedural, Twemoji, the operator's folders, uploads with alpha)
+    if progress is not None:
+        progress(0.0, "gathering stickers to learn from")
+    data = gather_data(plan, data_root=settings.data_dir, db_path=settings.db_path,
+                       max_pixels=settings.max_image_pixels, emoji=settings.segmenter_emoji,
+                       emoji_registry=settings.emoji_registry, extra_dirs=settings.segmenter_extra_dirs)
+    # 3. train, measure, write, promote
+    return run_segmenter_training(
+        segmenter, mode=mode, name=name, base=choice.base, start=start, plan=plan, data=data,
+        data_root=settings.data_dir, work_dir=work_dir, device=device,
+        load_trained=lambda path: load_segmenter(path, device=device),
+        serving=serving if mode == "refresh" else None, progress=progress, should_stop=should_stop)
+
+
+def sync_segmenter(resident: Resident) -> bool:
+    """Serve the promoted segmenter version if it is not the one loaded (a bootstrap or refresh
+    finished, here or on another worker); True when it changed."""
+    from pipeline.models import choose_segmenter, load_chosen_segmenter
+
+    models = resident.models
+    choice = choose_segmenter(resident.settings, models.sources)
+    if models.segmenter_choice is not None and choice == models.segmenter_choice:
+        return False
+    models.segmenter = load_chosen_segmenter(resident.settings, choice, models.sources, device=models.device)
+    models.segmenter_choice = choice
+    return True
+
+
+def run_segmenter(job: Job, resident: Resident, *, should_stop: ShouldStop, progress: Progress,
+                  low_memory: bool = False) -> dict[str, Any]:
+    from pipeline.models import choose_segmenter
+
+    settings, payload = resident.settings, job.payload
+    mode = payload.get("mode")
+    if mode not in ("bootstrap", "refresh"):
+        raise InputError(f"a segmenter job's mode is 'bootstrap' or 'refresh', not {mode!r}")
+    # 1. a bootstrap that another worker (or the CLI) already made is not made again
+    choice = choose_segmenter(settings, resident.models.sources)
+    if mode == "bootstrap" and choice.problem is None:
+        sync_segmenter(resident)
+        return {"mode": mode, "version": choice.version, "promoted": False,
+                "skipped": "a trained segmenter is already in use"}
+    # 2. train (resumes from checkpoints/<job_id>/ after a crash or a pause)
+    work_dir = checkpoint_dir(resident.data, job.id)
+    run = train_segmenter_version(settings, mode=mode, name=f"{mode}-{job.id[:12]}", work_dir=work_dir,
+                                  device=resident.models.device, sources=resident.models.sources,
+                                  serving=resident.models.segmenter, progress=progress,
+                                  should_stop=should_stop)
+    # 3. serve it at once here; other workers pick it up from current.json
+    if run.promoted:
+        sync_segmenter(resident)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return {"mode": mode, "version": run.version, "promoted": run.promoted, "figures": run.info["figures"],
+            "serving_figures": run.info["serving_figures"], "counts": run.info["counts"],
+            "notes": run.info["notes"], "training": run.info["training"]}
+
+
 HANDLERS: dict[JobKind, Callable[..., dict[str, Any]]] = {
     JobKind.TRAIN: run_train,
     JobKind.STICKER: run_sticker,
+    JobKind.SEGMENTER: run_segmenter,
     JobKind.NOOP: run_noop,
 }
 

@@ -49,8 +49,9 @@ SD15_SOURCES = {
     "diffusion": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # CreativeML OpenRAIL-M
     "captioner": "Salesforce/blip-image-captioning-base",  # BSD-3-Clause
     # SegFormer-b0 encoder pretrained on ImageNet-1k (NVIDIA SegFormer licence: research and
-    # non-commercial use). Its one-class head is new: fine-tune it on stickers with
-    # `stickerbot segmenter train` and point STICKERBOT_SEGMENTER_MODEL at the result.
+    # non-commercial use). It has no foreground head: the first worker bootstraps one into
+    # <data dir>/segmenter/ (segmentation/bootstrap.py); STICKERBOT_SEGMENTER_BOOTSTRAP_FROM=scratch
+    # trains from random weights instead.
     "segmenter": "nvidia/mit-b0",
     "clip": "openai/clip-vit-base-patch32",  # MIT
     "dino": "facebook/dino-vits16",  # Apache-2.0
@@ -443,8 +444,9 @@ def load_captioner(sources: ModelSources, *, device: torch.device, dtype: torch.
 
 
 BACKGROUND_LABELS = ("background", "bg", "unlabeled")
-SEGMENTER_FIX = ("train one: `stickerbot segmenter train --procedural 2000 --out data/segmenter`, then set "
-                 "STICKERBOT_SEGMENTER_MODEL=data/segmenter")
+SEGMENTER_FIX = ("`stickerbot segmenter bootstrap` trains one into <data dir>/segmenter/ (a worker does it "
+                 "on its first start); or train one with `stickerbot segmenter train --procedural 2000 "
+                 "--out data/segmenter` and set STICKERBOT_SEGMENTER_MODEL=data/segmenter")
 
 
 def segmenter_head_problem(config: Any, *, missing_keys: Iterable[str] = (), source: str = "") -> str | None:
@@ -572,9 +574,88 @@ def load_image_encoder(kind: str, sources: ModelSources, *, device: torch.device
     return ImageEncoder(model=model.to(device).eval(), processor=processor, kind=kind, source=src)
 
 
+def _config_of(source: str, cache_dir: str | None) -> dict[str, Any] | None:
+    """A model's ``config.json`` from a directory or the local Hugging Face cache (no network);
+    None when it is not at hand."""
+    import json
+
+    local = Path(source).expanduser()
+    path: Path | None = local / "config.json" if local.is_dir() else None
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            found = try_to_load_from_cache(source, "config.json", cache_dir=cache_dir)
+        except HFValidationError:  # neither a directory nor a hub id
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def segmenter_config_problem(source: str | Path, *, cache_dir: str | None = None) -> str | None:
+    """:func:`segmenter_head_problem` of ``source``'s ``config.json``, read without loading any
+    weights (None when the config is not at hand: loading it will then say what is missing)."""
+    from types import SimpleNamespace
+
+    config = _config_of(str(source), cache_dir)
+    if config is None:
+        return None
+    return segmenter_head_problem(SimpleNamespace(**config), source=str(source))
+
+
+@dataclass(frozen=True)
+class SegmenterChoice:
+    """Which segmenter a worker serves: a trained version in the data dir (``version``), or the
+    configured one; ``problem`` says why neither can serve yet (a bootstrap must train one)."""
+
+    base: str  # the configured segmenter, or "scratch:<preset>" when training from random weights
+    source: str  # what to load now
+    version: str | None
+    problem: str | None
+
+
+def choose_segmenter(settings: Settings, sources: ModelSources) -> SegmenterChoice:
+    from segmentation import versions
+
+    scratch = settings.segmenter_bootstrap_from == "scratch"
+    base = f"scratch:{settings.preset}" if scratch else sources.segmenter
+    serving = versions.serving_version(settings.data_dir, base)
+    if serving is not None:
+        return SegmenterChoice(base=base, source=str(serving.path), version=serving.name, problem=None)
+    problem: str | None
+    if scratch:
+        problem = ("no segmenter trained from scratch yet (STICKERBOT_SEGMENTER_BOOTSTRAP_FROM=scratch "
+                   "uses no pretrained weights)")
+    else:
+        problem = segmenter_config_problem(sources.segmenter, cache_dir=sources.cache_dir)
+    return SegmenterChoice(base=base, source=sources.segmenter, version=None, problem=problem)
+
+
+def load_chosen_segmenter(settings: Settings, choice: SegmenterChoice, sources: ModelSources, *,
+                          device: torch.device) -> Segmenter:
+    """The segmenter of ``choice``. Without a trained head: the configured encoder with a fresh
+    one-label head (or, from scratch, random weights), a placeholder that serves no sticker."""
+    if choice.problem is None:
+        return load_segmenter(choice.source, device=device, cache_dir=sources.cache_dir)
+    if choice.base.startswith("scratch:"):
+        from segmentation.training import fresh_segmenter
+
+        arch = ARCHITECTURES[settings.preset]
+        return fresh_segmenter(arch.segformer, arch.segmenter_size, device=device)
+    return load_segmenter(choice.source, device=device, cache_dir=sources.cache_dir, num_labels=1)
+
+
 @dataclass
 class Models:
-    """What a worker keeps resident: loaded once at start, passed to every job."""
+    """What a worker keeps resident: loaded once at start, passed to every job. The segmenter
+    may be replaced by a newer trained version while the worker runs (``segmenter_choice``)."""
 
     sources: ModelSources
     diffusion: DiffusionModels
@@ -582,13 +663,16 @@ class Models:
     segmenter: Segmenter
     device: torch.device
     dtype: torch.dtype
+    segmenter_choice: SegmenterChoice | None = None
     safety: SafetyChecker | None = None  # None: no NSFW filter (tiny zoo, or turned off)
 
 
-def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool) -> None:
+def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool,
+                    segmenter: str | None = None) -> None:
     """Check every file ``load_models`` will read before any is loaded, so a damaged cache fails
     with its one line before gigabytes sit in accelerator memory (nothing half-loaded). Files not
-    local yet are left to the download."""
+    local yet are left to the download. ``segmenter``: the segmenter directory or id that will be
+    loaded (default the configured one; "" for none, e.g. random weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import (
@@ -604,8 +688,10 @@ def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool) 
         ("tokenizer", CLIPTokenizer, src, "tokenizer"), ("text encoder", CLIPTextModel, src, "text_encoder"),
         ("VAE", AutoencoderKL, src, "vae"), ("UNet", UNet2DConditionModel, src, "unet"),
         ("captioner", BlipForConditionalGeneration, sources.captioner, None),
-        ("segmenter", SegformerForSemanticSegmentation, sources.segmenter, None),
     ]
+    segmenter = sources.segmenter if segmenter is None else segmenter
+    if segmenter:
+        parts.append(("segmenter", SegformerForSemanticSegmentation, segmenter, None))
     if safety:
         parts.append(("safety checker", StableDiffusionSafetyChecker, src, "safety_checker"))
     for role, cls, source, sub in parts:
@@ -622,20 +708,26 @@ def check_model_set(sources: ModelSources, *, dtype: torch.dtype, safety: bool) 
 
 def load_models(settings: Settings) -> Models:
     """Load the diffusion model, the captioner and the segmenter of the configured preset (their
-    files checked first, all of them)."""
+    files checked first, all of them; the segmenter is a trained version of it from
+    ``<data dir>/segmenter/`` when one was promoted)."""
     sources = resolve_sources(settings)
     device, dtype = device_and_dtype(settings)
-    check_model_set(sources, dtype=dtype, safety=settings.safety_checker)
+    choice = choose_segmenter(settings, sources)
+    scratch = choice.problem is not None and choice.base.startswith("scratch:")
+    check_model_set(sources, dtype=dtype, safety=settings.safety_checker,
+                    segmenter="" if scratch else choice.source)
     diffusion = load_diffusion(sources, device=device, dtype=dtype)
     captioner = load_captioner(sources, device=device, dtype=dtype)
-    segmenter = load_segmenter(sources.segmenter, device=device, cache_dir=sources.cache_dir)
+    segmenter = load_chosen_segmenter(settings, choice, sources, device=device)
+    if choice.problem is not None:
+        log.warning("segmenter: %s; a bootstrap job will train one", choice.problem)
     safety = None
     if settings.safety_checker:
         safety = load_safety_checker(sources, device=device, dtype=dtype, required=settings.preset == "sd15")
     log.info("models loaded (preset %s) on %s/%s%s", sources.preset, device, dtype,
              "" if safety is not None else ", no NSFW filter")
     return Models(sources=sources, diffusion=diffusion, captioner=captioner,
-                  segmenter=segmenter, device=device, dtype=dtype, safety=safety)
+                  segmenter=segmenter, device=device, dtype=dtype, safety=safety, segmenter_choice=choice)
 
 
 def _role_files(role: str) -> list[tuple[str, str | None]]:

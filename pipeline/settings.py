@@ -78,6 +78,19 @@ class Settings(BaseSettings):
     # bfloat16: bf16, float32: none); fp16 / bf16 force one, no turns it off.
     train_mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
 
+    # --- Background remover ---------------------------------------------------------------
+    # Where a bootstrap starts: the configured pretrained encoder, or random weights (no
+    # pretrained weights at all: for operators who may not use the NVIDIA SegFormer licence).
+    segmenter_bootstrap_from: Literal["pretrained", "scratch"] = "pretrained"
+    segmenter_bootstrap_minutes: float = Field(default=5.0, gt=0)  # training time of a bootstrap
+    segmenter_refresh_every: int = Field(default=500, ge=0)  # new alpha stickers per refresh (0: never)
+    segmenter_refresh_minutes: float = Field(default=3.0, gt=0)
+    segmenter_train_size: int = Field(default=384, ge=32, le=1024)  # px; the remover then runs at it
+    segmenter_emoji: bool = True  # Twemoji (fetched from the npm registry) in the training data
+    # Operator's own folders of transparent stickers to train on (comma-separated).
+    segmenter_extra_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    emoji_registry: str = "https://registry.npmjs.org"
+
     # --- Queue and worker -----------------------------------------------------------------
     queue_backend: Literal["sqlite", "celery"] = "sqlite"
     redis_url: str = "redis://localhost:6379/0"
@@ -111,6 +124,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             parts = [p for p in value.replace(" ", ",").split(",") if p]
             return [int(p) for p in parts]
+        return value
+
+    @field_validator("segmenter_extra_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
     @field_validator("telegram_api_base")

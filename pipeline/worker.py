@@ -59,8 +59,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Kinds that stop at a step boundary when a sticker waits or the worker stops.
-PREEMPTIBLE = (JobKind.TRAIN, JobKind.NOOP)
+# Seconds before a worker still without a trained segmenter asks for the bootstrap again.
+BOOTSTRAP_ASK_AGAIN = 600.0
+
+# Kinds that stop at a step boundary when the worker stops (training also when a sticker waits).
+PREEMPTIBLE = (JobKind.TRAIN, JobKind.SEGMENTER, JobKind.NOOP)
+
+
+def is_refresh(job: Job) -> bool:
+    """A segmenter refresh: low priority, it yields to waiting stickers and training. (A
+    bootstrap does not: the stickers wait for it.)"""
+    return job.kind == JobKind.SEGMENTER and job.payload.get("mode") == "refresh"
 
 
 def _parse_fault_spec(spec: str | None) -> tuple[dict[JobKind, int], dict[int, int]]:
@@ -130,6 +139,11 @@ class Worker:
         self._progress: tuple[float, str] | None = None  # written by the job thread
         self._steps_done = 0  # progress reports of the current slice (written by the job thread)
         self._low_memory: set[str] = set()  # jobs that ran out of memory: low-memory from now on
+        self._segmenter_stamp: str | None = None  # the promoted version last seen (current.json)
+        self._bootstrap_asked_at: float | None = None  # monotonic time the bootstrap was last asked for
+        # False while this worker's segmenter has no trained head: it takes no sticker then, so
+        # its training must not yield to one (it would claim the training job straight back).
+        self._segmenter_ready = True
         self.outcomes: list[Outcome] = []
 
     # --- control ----------------------------------------------------------------------
@@ -177,11 +191,14 @@ class Worker:
     async def run(self, *, max_jobs: int | None = None) -> list[Outcome]:
         """Claim and run jobs until stopped (or ``max_jobs`` runs ended)."""
         await self.discard_stale_checkpoints()
+        await self.check_segmenter(initial=True)
         runs = 0
         idle_wait = min(1.0, self.heartbeat_every)
         while not self.stopping and (max_jobs is None or runs < max_jobs):
             try:
-                job = await self.queue.claim(self.worker_id, kinds=self.kinds)
+                kinds = self.kinds if await self.check_segmenter() else [
+                    k for k in self.kinds if k != JobKind.STICKER]
+                job = await self.queue.claim(self.worker_id, kinds=kinds)
             except (OSError, sqlite3.Error, QueueUnavailableError) as exc:
                 log.warning("claiming a job failed (%s); retrying in a second", exc)
                 await self._wait_for_work(1.0)
@@ -197,7 +214,72 @@ class Worker:
             if outcome.state != "released":
                 # A job cancelled while it waited released leaves its checkpoint behind.
                 await self.discard_stale_checkpoints()
+            if outcome.state == "succeeded" and job.kind == JobKind.TRAIN:
+                await self.maybe_refresh_segmenter()  # a training set brings new stickers
         return self.outcomes
+
+    # --- the background remover ---------------------------------------------------------
+    async def check_segmenter(self, *, initial: bool = False) -> bool:
+        """Whether this worker's segmenter can serve stickers. Picks up a newly promoted version
+        (a bootstrap or refresh finished here or elsewhere) without a restart. Without a
+        trained head, it queues the bootstrap once (one job for all workers: ``ensure_job``)."""
+        if self.resident is None or self.resident.models.segmenter_choice is None:
+            return True
+        from pipeline.jobs import sync_segmenter
+        from segmentation.versions import current_stamp
+
+        stamp = current_stamp(self.data.root)
+        if stamp != self._segmenter_stamp:
+            self._segmenter_stamp = stamp
+            if await asyncio.to_thread(sync_segmenter, self.resident):
+                log.info("segmenter: now serving %s", self.resident.models.segmenter_choice)
+        choice = self.resident.models.segmenter_choice
+        self._segmenter_ready = choice.problem is None
+        if choice.problem is None:
+            if initial:
+                await self.maybe_refresh_segmenter()
+            return True
+        now = time.monotonic()
+        if self._bootstrap_asked_at is None or now - self._bootstrap_asked_at >= BOOTSTRAP_ASK_AGAIN:
+            # Asked again now and then: a bootstrap that failed for good is tried once more later
+            # (while one is queued or running, ensure_job returns that one).
+            self._bootstrap_asked_at = now
+            await self._ensure_segmenter_job("bootstrap", self.resident.settings.segmenter_bootstrap_minutes)
+        return False
+
+    async def maybe_refresh_segmenter(self) -> None:
+        """Queue a low-priority refresh once ``segmenter_refresh_every`` new transparent
+        stickers were uploaded since the serving version was trained."""
+        if self.resident is None:
+            return
+        settings = self.resident.settings
+        every = settings.segmenter_refresh_every
+        choice = self.resident.models.segmenter_choice
+        if not every or choice is None or choice.version is None:
+            return
+        from segmentation import versions
+        from segmentation.bootstrap import count_alpha_uploads
+
+        # Counted from the newest run on this base, promoted or kept aside: a refresh that was
+        # not promoted must not be queued again at once for the same stickers.
+        seen = max((int(v.info.get("uploads_seen") or 0) for v in versions.all_versions(settings.data_dir)
+                    if v.base == choice.base), default=0)
+        now = await asyncio.to_thread(count_alpha_uploads, settings.data_dir, settings.db_path,
+                                      max_pixels=settings.max_image_pixels)
+        if now - seen >= every:
+            await self._ensure_segmenter_job("refresh", settings.segmenter_refresh_minutes)
+
+    async def _ensure_segmenter_job(self, mode: str, minutes: float) -> None:
+        from pipeline.queue.base import REFRESH_PRIORITY
+
+        try:
+            job, created = await self.queue.ensure_job(
+                JobKind.SEGMENTER, {"mode": mode, "minutes": minutes}, key=f"segmenter-{mode}",
+                priority=REFRESH_PRIORITY if mode == "refresh" else None)
+        except NotImplementedError as exc:
+            log.warning("segmenter %s not queued: %s", mode, exc)
+            return
+        log.info("segmenter %s: job %s %s", mode, job.id, "queued" if created else "already queued")
 
     async def _wait_for_work(self, seconds: float) -> None:
         wait = getattr(self.queue, "wait_for_change", None)
@@ -293,8 +375,13 @@ class Worker:
                 # At least one step per slice: a steady stream of stickers slows training down
                 # but cannot starve it.
                 if (self._request is None and job.kind == JobKind.TRAIN and JobKind.STICKER in self.kinds
-                        and self._steps_done > 0 and await self.queue.has_waiting([JobKind.STICKER])):
+                        and self._segmenter_ready and self._steps_done > 0
+                        and await self.queue.has_waiting([JobKind.STICKER])):
                     log.info("job %s: a sticker is waiting; training yields at the next step", job.id)
+                    self._request = "yield"
+                if (self._request is None and is_refresh(job) and self._steps_done > 0
+                        and await self.queue.has_waiting([JobKind.STICKER, JobKind.TRAIN])):
+                    log.info("job %s: other work is waiting; the segmenter refresh yields", job.id)
                     self._request = "yield"
                 if self.stopping and self._request is None and job.kind in PREEMPTIBLE:
                     self._request = "yield"
@@ -371,6 +458,8 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
     from pipeline.queue import open_queue
 
     kinds = list(kinds) if kinds else list(JobKind)
+    if JobKind.STICKER in kinds and JobKind.SEGMENTER not in kinds:
+        kinds.append(JobKind.SEGMENTER)  # stickers need the background remover it trains
     # SIGTERM while the models load: exit cleanly once they are in, or at once between attempts
     early_stop = threading.Event()
     loop = asyncio.get_running_loop()
@@ -393,8 +482,8 @@ async def run_worker(settings: Settings, *, kinds: Sequence[JobKind] | None = No
         log.info("models loaded in %.1f s (%s on %s)", time.perf_counter() - started, settings.preset,
                  resident.models.device)
         if resident.models.segmenter.head_problem and JobKind.STICKER in kinds:
-            log.error("sticker jobs will fail until the segmenter is fixed: %s",
-                      resident.models.segmenter.head_problem)
+            log.warning("sticker jobs wait for the segmenter bootstrap: %s",
+                        resident.models.segmenter.head_problem)
     if settings.worker_metrics_port:
         try:
             start_metrics_server(settings.worker_metrics_port)

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from pipeline.models import Segmenter
 
 BOUNDARY_TOLERANCE = 2  # px, at the evaluation size
-IOU_BAR = 0.95
 
 
 def iou(pred: np.ndarray, label: np.ndarray) -> float:
@@ -191,8 +190,6 @@ def evaluate(
         size=side,
         tolerance_px=tolerance,
         stickers=len(stickers),
-        iou_bar=IOU_BAR,
-        passed=bool(metrics["iou"] >= IOU_BAR),
         flip=flip,
         rotate=rotate,
         scales=list(scales),

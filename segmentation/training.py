@@ -140,6 +140,7 @@ class SegTrainResult:
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0  # the step a saved state held when this call began
 
 
 def mit_init(model: torch.nn.Module) -> None:
@@ -468,6 +469,20 @@ def save_segmenter(segmenter: Segmenter, out_dir: Path, *, meta: dict[str, Any] 
         (out_dir / "segmenter-training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def load_training_state(path: Path, *, device: Any) -> dict[str, Any]:
+    """A ``training-state.pt`` for a model on ``device``. Every tensor is read onto the CPU, where
+    the random-generator state must stay (``torch.set_rng_state`` takes a CPU byte tensor only;
+    a ``map_location`` of a CUDA model's device moved it to the GPU and resuming raised). The
+    model's and optimizer's ``load_state_dict`` copy their tensors to the parameters' device; the
+    weight average's shadow, which is used as is, is moved here."""
+    import torch
+
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("ema"):
+        state["ema"] = {k: v.to(device) for k, v in state["ema"].items()}
+    return state
+
+
 def train_segmenter(
     segmenter: Segmenter,
     stickers: Sequence[Image.Image],
@@ -477,9 +492,12 @@ def train_segmenter(
     photos: Sequence[np.ndarray] = (),
     val_stickers: Sequence[Image.Image] | None = None,
     progress: Callable[[SegTrainProgress], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> SegTrainResult:
     """Train ``segmenter`` in place; keep the best validation checkpoint in ``out_dir``; resume
-    from ``out_dir/training-state.pt`` when it exists (same config expected)."""
+    from ``out_dir/training-state.pt`` when it exists (same config expected). ``should_stop`` is
+    asked after each epoch's state is saved: ``"yield"`` raises TrainingPreempted (call again
+    to resume), ``"cancel"`` raises CancelledError."""
     import torch
 
     from segmentation.removal import foreground_logit, normalize_batch
@@ -530,17 +548,18 @@ def train_segmenter(
     planned = steps_per_epoch * config.epochs
     budget = config.minutes * 60 if config.minutes else None
 
-    epoch = step = 0
+    epoch = step = resumed_from = 0
     elapsed = 0.0
     began = time.monotonic()
     best = -1.0
     history: list[dict[str, float]] = []
     state_path = out / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, map_location=next(model.parameters()).device, weights_only=False)
+        state = load_training_state(state_path, device=next(model.parameters()).device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
+        resumed_from = step
         best, history = state["best_iou"], state["history"]
         torch.set_rng_state(state["torch_rng"])
     else:
@@ -637,11 +656,21 @@ def train_segmenter(
                         epoch=epoch, step=step, loss=history[-1]["loss"], elapsed=elapsed, val_iou=val_iou
                     )
                 )
+            request = should_stop() if should_stop is not None else None
+            if request == "cancel":
+                from pipeline.errors import CancelledError
+
+                raise CancelledError("segmenter training was cancelled")
+            if request == "yield":
+                from pipeline.errors import TrainingPreempted
+
+                raise TrainingPreempted(step, planned)
     finally:
         del loader  # stops its worker processes, also when the step raises
     if ema is not None:  # the model leaves with the averaged weights it was validated with
         model.load_state_dict(ema.shadow, strict=False)
     model.eval()
     return SegTrainResult(
-        out_dir=out, best_iou=best, epochs=epoch, steps=step, seconds=elapsed, history=history
+        out_dir=out, best_iou=best, epochs=epoch, steps=step, seconds=elapsed, history=history,
+        resumed_from=resumed_from,
     )

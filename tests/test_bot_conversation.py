@@ -422,6 +422,7 @@ async def test_admin_stats(fake: FakeBotAPI, settings: Settings) -> None:
         fake.send_text(user(1), "/stats")
         call = await fake.wait_text(1, "Queue depth: 0")
         assert "Users: 2" in call.text and "Worker: no job finished yet" in call.text
+        assert "Background remover: no trained version yet" in call.text
 
 
 async def test_unexpected_error_answers_with_an_id_and_logs_context(
@@ -475,3 +476,36 @@ async def test_quotas_from_settings(fake: FakeBotAPI, tmp_path: Path) -> None:
         fake.send_sticker(ann, fake.add_file(picture(6, fmt="WEBP"), kind="stickers", suffix=".webp"))
         await fake.wait_text(73, "the limit of 1 style(s)")
         assert len(await repo.list_styles(73)) == 1
+
+
+async def test_a_sticker_asked_for_during_the_segmenter_bootstrap_is_told_getting_ready_then_comes(
+        fake: FakeBotAPI, settings: Settings) -> None:
+    queue = await SqliteJobQueue.from_settings(settings)
+    worker = QueueWorker(queue, settings.data_dir)
+    try:
+        async with running_bot(settings):
+            ann = user(72)
+            await send_stickers(fake, ann, 3)
+            fake.send_text(ann, "/train cat")
+            await fake.wait_text(72, "is queued")
+            await worker.train(await worker.claim(JobKind.TRAIN))
+            await fake.wait_text(72, "is ready and active")
+            # A worker found no trained background remover: its bootstrap (2 minutes) is queued.
+            await queue.ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap", "minutes": 2},
+                                   key="segmenter-bootstrap")
+            start = len(fake.calls)
+            fake.send_photo(ann, fake.add_file(picture(9, fmt="JPEG")))
+            await fake.wait_text(72, "Getting ready", start=start)
+            await fake.wait_text(72, "about 3 min", start=start)  # 2 min of training + data preparation
+            boot = await worker.claim(JobKind.SEGMENTER)
+            await queue.report_progress(boot, "test-worker", 0.5, "learning backgrounds: 50%")
+            await fake.wait_text(72, "about 2 min", start=start)  # the edit follows the bootstrap
+            await queue.complete(boot, "test-worker", {"mode": "bootstrap", "version": "v1",
+                                                       "promoted": True})
+            await fake.wait_text(72, "Drawing your sticker", start=start)  # back to the queue position
+            await worker.sticker(await worker.claim(JobKind.STICKER))
+            await fake.wait_for(lambda c: c.method == "sendSticker" and c.chat_id == 72)
+            assert await wait_delivered(queue)  # the bootstrap's own outcome is no one's message
+            assert not [c for c in fake.calls[start:] if c.chat_id == 0]
+    finally:
+        await queue.close()

@@ -59,7 +59,7 @@ def test_every_russian_text_fills_like_the_english_one() -> None:
     for key, ru in TEXTS["ru"].items():
         fields = {f for _, f, _, _ in string.Formatter().parse(TEXTS["en"][key]) if f}
         assert {f for _, f, _, _ in string.Formatter().parse(ru) if f} == fields, key
-    assert t("ru", "stats", users=1, styles=2, stickers=3, jobs="-", depth=0, worker="idle")
+    assert t("ru", "stats", users=1, styles=2, stickers=3, jobs="-", depth=0, worker="idle", segmenter="-")
 
 
 @pytest.mark.parametrize(("text", "noun"), [

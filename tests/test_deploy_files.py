@@ -94,7 +94,7 @@ def test_torch_comes_first_from_the_index_of_its_flavour(dockerfile) -> None:
     for name, index_arg in (("cpu", "TORCH_CPU_INDEX"), ("worker", "TORCH_CUDA_INDEX")):
         installs = _pip_installs(by_name[name])
         assert "${TORCH_SPEC}" in installs[0] and f"--index-url ${{{index_arg}}}" in installs[0], name
-        assert any(re.search(r'pip install "?\.(\[celery\])?"?$', cmd) for cmd in installs[1:]), name
+        assert any(re.search(r'pip install "?\.(\[celery(,emoji)?\])?"?$', cmd) for cmd in installs[1:]), name
         assert {"TORCH_SPEC", index_arg} <= {a.split("=")[0] for a in by_name[name].all("ARG")}
 
 

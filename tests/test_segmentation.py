@@ -225,6 +225,41 @@ def test_training_resumes_from_its_last_state(
     assert again.history[:2] == first.history
 
 
+def _save_as_if_on_cuda(obj: object, path: Path) -> None:
+    """``torch.save`` with every storage tagged ``cuda:0``, as a state saved on a GPU is."""
+    registry = torch.serialization._package_registry
+    saved = list(registry)
+    torch.serialization.register_package(0, lambda storage: "cuda:0", lambda obj, location: None)
+    try:
+        torch.save(obj, path)
+    finally:
+        registry[:] = saved
+
+
+def test_a_state_saved_on_another_device_resumes_with_the_generator_state_on_the_cpu(
+    tiny_zoo: Path, stickers: list[Image.Image], tmp_path: Path
+) -> None:
+    from pipeline.models import load_segmenter
+    from segmentation.training import STATE_FILE, SegTrainConfig, load_training_state, train_segmenter
+
+    config = SegTrainConfig(size=32, batch_size=4, epochs=1, pairs_per_epoch=4, val_pairs=4, ema_decay=0.9)
+    train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
+    path = tmp_path / STATE_FILE
+    _save_as_if_on_cuda(torch.load(path, weights_only=False), path)
+    if not torch.cuda.is_available():  # the file really names the GPU: a plain load fails here
+        with pytest.raises(RuntimeError):
+            torch.load(path, weights_only=False)
+    # A model on another device (meta stands in for a GPU on this CPU machine): the generator
+    # state stays a CPU byte tensor that torch.set_rng_state takes; the average follows the model.
+    state = load_training_state(path, device=torch.device("meta"))
+    assert state["torch_rng"].device.type == "cpu"
+    torch.set_rng_state(state["torch_rng"])
+    assert all(v.device.type == "meta" for v in state["ema"].values())
+    config.epochs = 2
+    again = train_segmenter(load_segmenter(tiny_zoo / "segformer", device=CPU), stickers, tmp_path, config)
+    assert (again.epochs, again.steps) == (2, 2)
+
+
 def test_weight_average_resume_and_progressive_resizing(
     tiny_zoo: Path, stickers: list[Image.Image], tmp_path: Path
 ) -> None:
@@ -491,7 +526,7 @@ def test_cli_train_and_eval(
         == 0
     )
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "passed"}
+    assert set(metrics) >= {"iou", "matte_iou", "boundary_f", "alpha_mae", "iou_by_background"}
     assert metrics["images"] == 4
     assert metrics["flip"] is True and metrics["rotate"] is True and metrics["scales"] == [1.0, 1.5]
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["alpha_mae"] <= 1.0

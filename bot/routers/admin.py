@@ -12,6 +12,7 @@ from aiogram.types import Message
 from bot.context import BotContext
 from bot.texts import t
 from pipeline.worker_health import describe_failure, format_duration, read_health
+from segmentation.versions import describe, pending_text
 
 
 async def worker_health(ctx: BotContext, now: float) -> str:
@@ -41,9 +42,10 @@ async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -
     ) or "-"
     depth = sum(states.get("queued", 0) for states in counts.values())
     totals = await ctx.repo.totals()
+    segmenter = describe(ctx.settings.data_dir, pending=pending_text(counts.get("segmenter", {})))
     await message.answer(t(
         lang, "stats", users=totals["users"], styles=totals["styles"], stickers=totals["stickers"],
-        jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()),
+        jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()), segmenter=segmenter,
     ))
 
 

@@ -60,6 +60,8 @@ async def submit_sticker(bot: Bot, ctx: BotContext, lang: str, user_id: int, sty
     text = t(lang, "sticker_queued", name=style.name, position=1, eta="")
 
     def waiting(position: QueuePosition) -> str:
+        if position.getting_ready:  # the background remover's bootstrap runs first
+            return t(lang, "sticker_getting_ready", name=style.name, eta=eta_text(lang, position.eta_seconds))
         return t(lang, "sticker_queued", name=style.name, position=max(1, position.position),
                  eta=eta_text(lang, position.eta_seconds))
 

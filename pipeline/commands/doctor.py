@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import platform
 import sys
+from collections.abc import Callable
 
 from pipeline.settings import Settings
 
@@ -14,6 +15,38 @@ HELP = "check Python, torch, GPU, models, database and queue; non-zero exit on a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-models", action="store_true", help="do not check model files")
+
+
+def _segmenter_lines(settings: Settings, line: Callable[..., None]) -> None:
+    """Which background remover a worker serves, where it came from, its held-out figures, and
+    whether a bootstrap or refresh is pending (a missing head is not a problem: the first
+    worker trains one)."""
+    import sqlite3
+
+    from pipeline.models import choose_segmenter, resolve_sources
+    from segmentation.versions import describe, pending_text
+
+    choice = choose_segmenter(settings, resolve_sources(settings))
+    states: dict[str, int] = {}
+    if settings.queue_backend == "sqlite" and settings.db_path.exists():
+        try:
+            conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True)
+            try:
+                for state, n in conn.execute("SELECT state, COUNT(*) FROM jobs WHERE kind = 'segmenter' "
+                                             "GROUP BY state"):
+                    states[str(state)] = int(n)
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            pass
+    pending = pending_text(states)
+    if choice.problem is not None:
+        line("segmenter", f"{choice.base}: {choice.problem}; the first worker bootstraps one"
+             + (f" (pending: {pending})" if pending else " (`stickerbot segmenter bootstrap` does it now)"))
+    elif choice.version is None:
+        line("segmenter", f"{choice.source} (configured, has a trained head)")
+    else:
+        line("segmenter", describe(settings.data_dir, pending=pending))
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -50,6 +83,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             available = check_available(sources)
             for role, problem in available.items():
                 src = getattr(sources, role)
+                if role == "segmenter" and settings.segmenter_bootstrap_from == "scratch":
+                    line(f"model:{role}", f"{src} not used (the remover is trained from scratch)")
+                    continue
                 line(f"model:{role}", src if problem is None else problem, problem is None)
             if available["segmenter"] is None:
                 # A SegFormer loads in a second on the CPU; its config and keys say whether it has a
@@ -68,6 +104,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                  settings.safety_checker or settings.preset == "tiny")
         except StickerbotError as exc:
             line("models", str(exc), ok=False)
+
+        try:
+            _segmenter_lines(settings, line)
+        except StickerbotError as exc:
+            line("segmenter", str(exc), ok=False)
 
     from pipeline.storage.db import LATEST_VERSION, open_database, schema_version
 

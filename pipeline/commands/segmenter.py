@@ -4,6 +4,11 @@ own alpha, and measure it on held-out stickers over held-out backgrounds.
     stickerbot segmenter train --stickers DIR [DIR ...] [--procedural N] --out DIR
         [--init CHECKPOINT | --from-scratch] [--epochs N] [--minutes M] [--size PX]
     stickerbot segmenter eval --model DIR --stickers DIR [DIR ...] --out DIR
+    stickerbot segmenter bootstrap [--minutes M] [--no-progress]
+
+``bootstrap`` does what a worker's one-off bootstrap job does (procedural stickers, Twemoji,
+uploads with alpha; ``<data dir>/segmenter/<version>/``, promoted at once), with a progress bar;
+a rerun after an interruption resumes it.
 
 A rerun of ``train`` with the same ``--out`` resumes from its last state. Use the result with
 ``STICKERBOT_SEGMENTER_MODEL=<out>``.
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from pipeline.settings import Settings
 
-HELP = "train or evaluate the background-removal segmenter (SegFormer) on stickers"
+HELP = "bootstrap, train or evaluate the background-removal segmenter (SegFormer) on stickers"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every core; up to 4 beside a GPU, which would otherwise wait for them)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    boot = sub.add_parser("bootstrap", help="train the background remover's head now, as a worker's "
+                          "first start does, and switch workers to it")
+    _common(boot)
+    boot.add_argument("--minutes", type=float, default=None,
+                      help="training time (default: STICKERBOT_SEGMENTER_BOOTSTRAP_MINUTES)")
+    boot.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="IoU, boundary F and alpha MAE on held-out stickers (JSON + PNG)")
     _common(ev)
@@ -235,7 +247,47 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+    import time
+
+    from tqdm import tqdm
+
+    from pipeline.devices import device_and_dtype
+    from pipeline.jobs import train_segmenter_version
+    from pipeline.models import resolve_sources
+    from segmentation.versions import root_of
+
+    if args.minutes is not None:
+        if args.minutes <= 0:
+            print("stickerbot segmenter bootstrap: error: --minutes must be above 0", file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"segmenter_bootstrap_minutes": args.minutes})
+    device, _ = device_and_dtype(settings)
+    work_dir = root_of(settings.data_dir) / "work-cli"  # a rerun resumes from here
+    bar = tqdm(total=100, disable=args.no_progress, unit="%", desc="segmenter bootstrap")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = round(fraction * 100)
+        bar.set_postfix_str(message)
+        bar.refresh()
+
+    try:
+        name = time.strftime("bootstrap-%Y%m%d-%H%M%S")
+        run = train_segmenter_version(settings, mode="bootstrap", name=name,
+                                      work_dir=work_dir, device=device, sources=resolve_sources(settings),
+                                      progress=progress)
+    finally:
+        bar.close()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(json.dumps({"version": run.version, "promoted": run.promoted, "figures": run.info["figures"],
+                      "counts": run.info["counts"], "notes": run.info["notes"]}, indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.segmenter_command == "train":
         return _train(args, settings)
+    if args.segmenter_command == "bootstrap":
+        return _bootstrap(args, settings)
     return _eval(args, settings)

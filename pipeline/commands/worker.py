@@ -17,8 +17,9 @@ FAULT_INJECT_ENV = "STICKERBOT_FAULT_INJECT"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", default="sticker,train",
-                        help="job kinds to run, comma-separated: sticker, train, noop "
-                             "(default: sticker,train; noop alone loads no model)")
+                        help="job kinds to run, comma-separated: sticker, train, segmenter, noop "
+                             "(default: sticker,train; a sticker worker also trains the background "
+                             "remover it needs; noop alone loads no model)")
     parser.add_argument("--worker-id", default=None, help="name in job records (default: host:pid:random)")
     parser.add_argument("--supervisor-pid", type=int, default=None,
                         help="stop when this process (the parent, e.g. `stickerbot run`) ends")
@@ -37,9 +38,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         kinds = [JobKind(k.strip()) for k in args.kinds.split(",") if k.strip()]
     except ValueError as exc:
-        raise ConfigError(f"--kinds: {exc}; choose from sticker, train, noop") from None
+        raise ConfigError(f"--kinds: {exc}; choose from sticker, train, segmenter, noop") from None
     if not kinds:
-        raise ConfigError("--kinds names no job kind; choose from sticker, train, noop")
+        raise ConfigError("--kinds names no job kind; choose from sticker, train, segmenter, noop")
     if args.supervisor_pid is not None:
         from pipeline.commands.run import WORKER_STOP_TIMEOUT
         from pipeline.supervision import follow_supervisor

@@ -18,6 +18,7 @@ from typing import Any
 class JobKind(enum.StrEnum):
     TRAIN = "train"
     STICKER = "sticker"
+    SEGMENTER = "segmenter"  # train the background remover: bootstrap (before any sticker) or refresh
     NOOP = "noop"  # benchmarks and queue tests
 
 
@@ -33,8 +34,11 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-# Default priorities: stickers before training.
-PRIORITY = {JobKind.STICKER: 10, JobKind.TRAIN: 0, JobKind.NOOP: 0}
+# Default priorities: stickers before training. A segmenter bootstrap goes before stickers (they
+# need it); a refresh (submitted with REFRESH_PRIORITY) after everything.
+PRIORITY = {JobKind.SEGMENTER: 20, JobKind.STICKER: 10, JobKind.TRAIN: 0, JobKind.NOOP: 0}
+REFRESH_PRIORITY = -10
+SYSTEM_USER = 0  # the owner of jobs the product runs for itself (segmenter bootstrap and refresh)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class QueuePosition:
 
     position: int
     eta_seconds: float | None  # None when there is no measured duration yet
+    getting_ready: bool = False  # a sticker waits for the background remover's bootstrap
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,12 @@ class JobQueue(abc.ABC):
     async def events_since(self, cursor: float, *, wait: float = 1.0) -> tuple[list[JobEvent], float]:
         """Jobs changed after ``cursor``, waiting up to ``wait`` seconds for one; returns the events
         and the new cursor. One loop in the bot calls this and fans out to users."""
+
+    async def ensure_job(self, kind: JobKind, payload: dict[str, Any], *, key: str,
+                         priority: int | None = None) -> tuple[Job, bool]:
+        """Queue a job of the product's own (owner ``SYSTEM_USER``, no quotas) unless an
+        unfinished one with the same ``key`` exists, atomically across processes: (job, created)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot queue system jobs yet")
 
     @abc.abstractmethod
     async def undelivered(self, *, limit: int = 100) -> list[Job]:

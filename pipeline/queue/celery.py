@@ -63,7 +63,8 @@ EVENTS_MAXLEN = 100_000
 # Per-job keys live this long after their last write (a week: longer than any job waits).
 KEY_TTL_SECONDS = 7 * 86_400
 # Which Celery queue a kind goes to. A worker serves `sticker,train` (stickers first) or one.
-QUEUE_FOR_KIND = {JobKind.STICKER: "sticker", JobKind.TRAIN: "train", JobKind.NOOP: "sticker"}
+QUEUE_FOR_KIND = {JobKind.STICKER: "sticker", JobKind.TRAIN: "train", JobKind.NOOP: "sticker",
+                  JobKind.SEGMENTER: "sticker"}
 QUEUES = ("sticker", "train")
 # Message priorities (kombu's Redis transport: 0 is served first, then 3, 6, 9; across queues a
 # worker reads sticker@0, train@0, sticker@3, train@3, ...). New training jobs go in at 6, so a
@@ -71,7 +72,7 @@ QUEUES = ("sticker", "train")
 # before the ones that have not started, as the embedded queue's order and the positions the
 # bot reports say. Stickers are always at 0: before any training job.
 PRIORITY_RESUMED = 0
-PRIORITY_NEW = {JobKind.STICKER: 0, JobKind.TRAIN: 6, JobKind.NOOP: 0}
+PRIORITY_NEW = {JobKind.STICKER: 0, JobKind.TRAIN: 6, JobKind.NOOP: 0, JobKind.SEGMENTER: 0}
 
 
 def message_priority(job: Job) -> int:
@@ -143,6 +144,12 @@ class CeleryJobQueue(SqliteJobQueue):
         await super().close()
 
     # --- bot side ---------------------------------------------------------------------
+    async def ensure_job(self, kind: JobKind, payload: dict[str, Any], *, key: str,
+                         priority: int | None = None) -> tuple[Job, bool]:
+        # The embedded queue's insert would write a record no Celery message ever runs.
+        raise NotImplementedError("the Celery backend does not queue the segmenter's own jobs yet: run "
+                                  "`stickerbot segmenter bootstrap` on a GPU machine sharing the data dir")
+
     async def submit(self, kind: JobKind, user_id: int, payload: dict[str, Any], *,
                      priority: int | None = None) -> Job:
         kind = JobKind(kind)

@@ -35,7 +35,16 @@ from typing import Any
 import aiosqlite
 
 from pipeline.errors import JobError, QuotaExceededError
-from pipeline.queue.base import PRIORITY, Job, JobEvent, JobKind, JobQueue, JobState, QueuePosition
+from pipeline.queue.base import (
+    PRIORITY,
+    SYSTEM_USER,
+    Job,
+    JobEvent,
+    JobKind,
+    JobQueue,
+    JobState,
+    QueuePosition,
+)
 from pipeline.settings import Settings
 from pipeline.storage.db import open_database
 
@@ -246,6 +255,38 @@ class SqliteJobQueue(JobQueue):
                  "max_attempts": self.max_attempts, "now": now})
         return job_from_row(rows[0])
 
+    async def ensure_job(self, kind: JobKind, payload: dict[str, Any], *, key: str,
+                         priority: int | None = None) -> tuple[Job, bool]:
+        kind = JobKind(kind)
+        now = time.time()
+        async with self._write():  # the write lock makes check-then-insert one step across processes
+            rows = await self._rows(
+                "SELECT * FROM jobs WHERE kind = ? AND state IN ('queued', 'running') "
+                "AND json_extract(payload, '$.key') = ? ORDER BY created_at LIMIT 1", (kind.value, key))
+            if rows:
+                return job_from_row(rows[0]), False
+            rows = await self._rows(
+                f"INSERT INTO jobs (id, kind, state, user_id, priority, payload, max_attempts, "
+                f"created_at, updated_at) VALUES (:id, :kind, 'queued', :user, :priority, :payload, "
+                f":max_attempts, :now, {_STAMP}) RETURNING *",
+                {"id": uuid.uuid4().hex, "kind": kind.value, "user": SYSTEM_USER,
+                 "priority": PRIORITY[kind] if priority is None else int(priority),
+                 "payload": json.dumps({**payload, "key": key}), "max_attempts": self.max_attempts,
+                 "now": now})
+        return job_from_row(rows[0]), True
+
+    async def _bootstrap_left(self) -> float | None:
+        """Seconds the pending segmenter bootstrap still needs (its time budget less its
+        progress), or None when none is pending."""
+        rows = await self._rows(
+            "SELECT payload, progress FROM jobs WHERE kind = 'segmenter' AND state IN ('queued', 'running') "
+            "AND json_extract(payload, '$.mode') = 'bootstrap' LIMIT 1")
+        if not rows:
+            return None
+        payload = json.loads(rows[0]["payload"] or "{}")
+        budget = float(payload.get("minutes") or 5.0) * 60 + 60.0  # + data preparation
+        return budget * (1.0 - min(max(float(rows[0]["progress"]), 0.0), 1.0))
+
     async def cancel(self, job_id: str, *, user_id: int | None = None) -> Job:
         now = time.time()
         async with self._write():
@@ -311,6 +352,9 @@ class SqliteJobQueue(JobQueue):
                 own = durations.get(job.kind)
                 return QueuePosition(position=0,
                                      eta_seconds=None if own is None else own * (1.0 - job.progress))
+            if job.kind == JobKind.STICKER and (left := await self._bootstrap_left()) is not None:
+                own = durations.get(JobKind.STICKER) or 0.0
+                return QueuePosition(position=1, eta_seconds=left + own, getting_ready=True)
             ahead = await self._rows(
                 "SELECT kind FROM jobs WHERE state = 'queued' AND (priority > :p OR (priority = :p AND "
                 "(created_at < :c OR (created_at = :c AND rowid < :seq))))",
