@@ -114,13 +114,24 @@ def _uploaded_paths(data_root: Path, db_path: Path | None) -> list[tuple[str, st
     return [(str(p.relative_to(data_root)), p.stem, "unknown") for p in files]
 
 
+def _read_upload(path: Path, *, max_pixels: int) -> tuple[Image.Image, bool] | None:
+    """An uploaded file decoded to RGBA, and whether its alpha is useful for training (some
+    pixels transparent, some opaque); None when it does not decode."""
+    from pipeline.errors import ImageError
+    from pipeline.images import decode_image
+
+    try:
+        decoded = decode_image(path.read_bytes(), name=path.name, max_pixels=max_pixels)
+    except (OSError, ImageError):
+        return None
+    alpha = np.asarray(decoded.image.getchannel("A"))
+    return decoded.image, bool((alpha < 128).any() and (alpha >= 128).any())
+
+
 def collect_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -> list[UploadedSticker]:
     """Every uploaded sticker image with alpha (some pixels transparent, some opaque), once: a
     file kept by several users belongs to the first; pixel-identical files count once. The
     alpha check is cached in ``segmenter/uploads-index.json`` by content hash."""
-    from pipeline.errors import ImageError
-    from pipeline.images import decode_image
-
     index_path = versions.root_of(data_root) / "uploads-index.json"
     index: dict[str, Any] = versions.read_json(index_path) or {}
     seen_files: set[str] = set()
@@ -131,23 +142,20 @@ def collect_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -
         if sha in seen_files or index.get(sha) is False:
             continue
         seen_files.add(sha)
-        path = data_root / rel
-        try:
-            decoded = decode_image(path.read_bytes(), name=path.name, max_pixels=max_pixels)
-        except (OSError, ImageError):
+        read = _read_upload(data_root / rel, max_pixels=max_pixels)
+        if read is None:
             continue
-        alpha = np.asarray(decoded.image.getchannel("A"))
-        useful = bool((alpha < 128).any() and (alpha >= 128).any())
+        image, useful = read
         if index.get(sha) != useful:
             index[sha] = useful
             changed = True
         if not useful:
             continue
-        pixels = hashlib.sha256(np.asarray(decoded.image).tobytes()).hexdigest()
+        pixels = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
         if pixels in seen_pixels:
             continue
         seen_pixels.add(pixels)
-        out.append(UploadedSticker(group=group, sha256=sha, image=decoded.image))
+        out.append(UploadedSticker(group=group, sha256=sha, image=image))
     if changed:
         versions.write_json_atomic(index_path, index)
     return out
@@ -156,22 +164,16 @@ def collect_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -
 def count_alpha_uploads(data_root: Path, db_path: Path | None, *, max_pixels: int) -> int:
     """How many distinct uploaded files carry alpha: only files not yet in the index are decoded
     (the refresh trigger asks after every training job)."""
-    from pipeline.errors import ImageError
-    from pipeline.images import decode_image
-
     index_path = versions.root_of(data_root) / "uploads-index.json"
     index: dict[str, Any] = versions.read_json(index_path) or {}
     useful: set[str] = set()
     changed = False
     for rel, sha, _group in _uploaded_paths(data_root, db_path):
         if sha not in index:
-            path = data_root / rel
-            try:
-                decoded = decode_image(path.read_bytes(), name=path.name, max_pixels=max_pixels)
-            except (OSError, ImageError):
+            read = _read_upload(data_root / rel, max_pixels=max_pixels)
+            if read is None:
                 continue
-            alpha = np.asarray(decoded.image.getchannel("A"))
-            index[sha] = bool((alpha < 128).any() and (alpha >= 128).any())
+            index[sha] = read[1]
             changed = True
         if index[sha]:
             useful.add(sha)
