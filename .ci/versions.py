@@ -24,7 +24,7 @@ TESTED = ROOT / ".ci" / "tested-versions.txt"
 
 
 def declared_ranges(pyproject: Path = ROOT / "pyproject.toml",
-                    extras: tuple[str, ...] = ("celery", "test")) -> dict[str, SpecifierSet]:
+                    extras: tuple[str, ...] = ("celery", "emoji", "test")) -> dict[str, SpecifierSet]:
     """Package name -> the range pyproject.toml allows (the dependencies and the given extras)."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     lines = list(project["dependencies"])
