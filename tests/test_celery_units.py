@@ -236,3 +236,73 @@ def test_json_logs_carry_job_and_user_ids_and_never_the_token() -> None:
     assert second["stage"] == "send" and "ValueError" in second["exc"] and second["level"] == "ERROR"
     assert "job_id" not in third
     assert redact("no secrets here 12:34") == "no secrets here 12:34"
+
+
+class RecordingApp:
+    """A Celery app stand-in that records the task messages sent (or fails to send them)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.sent: list[tuple[str, str, int]] = []
+        self.fail = fail
+
+    def send_task(self, name: str, *, args: list, task_id: str, queue: str, priority: int,
+                  retry: bool) -> None:
+        if self.fail:
+            raise OSError("the broker is away")
+        assert name == TASK_NAME and args[0]["id"] == task_id
+        self.sent.append((task_id, queue, priority))
+
+
+def ensure_event(worker: str, **fields: str) -> dict[str, str]:
+    return {"type": "ensure", "job_id": "sticker-1", "worker": worker, "job_kind": "segmenter",
+            "key": "segmenter-bootstrap", "payload": json.dumps({"mode": "bootstrap", "minutes": 0.5}),
+            **fields}
+
+
+async def test_ensure_job_queues_and_sends_the_segmenter_bootstrap_once(tmp_path: Path) -> None:
+    """Workers' "ensure" events, read by two bot instances at once, queue one bootstrap and send
+    one message; a waiting sticker reads "getting ready"; a message that could not be sent is
+    left to the resend sweep; a malformed event changes nothing."""
+    import asyncio
+
+    from pipeline.queue.base import SYSTEM_USER
+
+    db = tmp_path / "jobs.sqlite3"
+    apps = [RecordingApp(), RecordingApp(), RecordingApp(fail=True)]
+    # Redis is unreachable here: the "sent" mark is best effort (at worst a resend at start).
+    bots = [await CeleryJobQueue.open(db, redis_url="redis://127.0.0.1:1/0", celery_app=app)
+            for app in apps]
+    plain = await SqliteJobQueue.open(db)
+    try:
+        sticker = await plain.submit(JobKind.STICKER, 7, {"style_id": "s", "photo": "p.png"})
+        await asyncio.gather(bots[0].apply_event(ensure_event("a/1")), bots[1].apply_event(ensure_event("b/2")),
+                             bots[0].apply_event(ensure_event("a/1")), bots[1].apply_event(ensure_event("c/3")))
+        [boot] = await plain.list_for_user(SYSTEM_USER)
+        assert (boot.kind, boot.state) == (JobKind.SEGMENTER, JobState.QUEUED)
+        assert boot.payload == {"mode": "bootstrap", "minutes": 0.5, "key": "segmenter-bootstrap"}
+        assert boot.priority > sticker.priority
+        assert apps[0].sent + apps[1].sent == [(boot.id, "sticker", 0)]  # one message, stickers' queue
+        position = await bots[0].position(sticker.id)
+        assert position.getting_ready and position.eta_seconds is not None and position.eta_seconds > 30
+        again, created = await bots[1].ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap"}, key="segmenter-bootstrap")
+        assert (again.id, created) == (boot.id, False)
+        # the message of a new job cannot be sent: the record waits for the resend sweep
+        assert not bots[2]._resend_pending
+        refresh, created = await bots[2].ensure_job(JobKind.SEGMENTER, {"mode": "refresh"}, key="segmenter-refresh")
+        assert created and (await plain.get(refresh.id)).state == JobState.QUEUED
+        assert bots[2]._resend_pending and apps[2].sent == []
+        # once the bootstrap finished, the next ask queues a new one (a failed one is tried again)
+        await bots[0].apply_event({"type": "started", "job_id": boot.id, "worker": "a/1", "attempt": "1"})
+        await bots[0].apply_event({"type": "failed", "job_id": boot.id, "worker": "a/1", "error": "broke"})
+        await bots[0].apply_event(ensure_event("a/1"))
+        sent = apps[0].sent + apps[1].sent
+        assert len(sent) == 2 and sent[0][0] != sent[1][0]
+        # malformed events are logged and ignored; the reader goes on
+        await bots[0].apply_event(ensure_event("a/1", job_kind="nonsense", key="other"))
+        await bots[0].apply_event(ensure_event("a/1", payload="{not json", key="other"))
+        await bots[0].apply_event(ensure_event("a/1", key=""))
+        assert len(await plain.list_for_user(SYSTEM_USER)) == 3
+    finally:
+        for bot in bots:
+            await bot.close()
+        await plain.close()
