@@ -275,8 +275,9 @@ async def test_ensure_job_queues_and_sends_the_segmenter_bootstrap_once(tmp_path
     plain = await SqliteJobQueue.open(db)
     try:
         sticker = await plain.submit(JobKind.STICKER, 7, {"style_id": "s", "photo": "p.png"})
-        await asyncio.gather(bots[0].apply_event(ensure_event("a/1")), bots[1].apply_event(ensure_event("b/2")),
-                             bots[0].apply_event(ensure_event("a/1")), bots[1].apply_event(ensure_event("c/3")))
+        await asyncio.gather(*(bot.apply_event(ensure_event(worker))
+                               for bot, worker in zip(bots[:2] * 2, ["a/1", "b/2", "a/1", "c/3"],
+                                                      strict=True)))
         [boot] = await plain.list_for_user(SYSTEM_USER)
         assert (boot.kind, boot.state) == (JobKind.SEGMENTER, JobState.QUEUED)
         assert boot.payload == {"mode": "bootstrap", "minutes": 0.5, "key": "segmenter-bootstrap"}
@@ -284,11 +285,13 @@ async def test_ensure_job_queues_and_sends_the_segmenter_bootstrap_once(tmp_path
         assert apps[0].sent + apps[1].sent == [(boot.id, "sticker", 0)]  # one message, stickers' queue
         position = await bots[0].position(sticker.id)
         assert position.getting_ready and position.eta_seconds is not None and position.eta_seconds > 30
-        again, created = await bots[1].ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap"}, key="segmenter-bootstrap")
+        again, created = await bots[1].ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap"},
+                                                  key="segmenter-bootstrap")
         assert (again.id, created) == (boot.id, False)
         # the message of a new job cannot be sent: the record waits for the resend sweep
         assert not bots[2]._resend_pending
-        refresh, created = await bots[2].ensure_job(JobKind.SEGMENTER, {"mode": "refresh"}, key="segmenter-refresh")
+        refresh, created = await bots[2].ensure_job(JobKind.SEGMENTER, {"mode": "refresh"},
+                                                    key="segmenter-refresh")
         assert created and (await plain.get(refresh.id)).state == JobState.QUEUED
         assert bots[2]._resend_pending and apps[2].sent == []
         # once the bootstrap finished, the next ask queues a new one (a failed one is tried again)
