@@ -17,6 +17,10 @@ visibility timeout must be longer than the longest training run, or a job still 
 handed out a second time (a per-job lock in Redis keeps the copy waiting, it never runs twice at
 once).
 
+A sticker that reaches a worker whose segmenter has no trained head waits for the background
+remover's bootstrap: the worker asks the bot for it (an "ensure" event) and retries the sticker
+after a countdown, its attempt not counted (``_segmenter_ready``).
+
 The bot imports this module to send tasks: model libraries are imported only inside the worker.
 """
 
@@ -384,11 +388,15 @@ def _segmenter_ready(runtime: WorkerRuntime, job_id: str) -> bool:
     from pipeline.jobs import sync_segmenter
     from pipeline.worker import BOOTSTRAP_ASK_AGAIN
 
-    resident = runtime.resident()
-    if resident.models.segmenter_choice is None:
+    try:
+        resident = runtime.resident()
+        if resident.models.segmenter_choice is None:
+            return True
+        if sync_segmenter(resident):
+            log.info("segmenter: now serving %s", resident.models.segmenter_choice)
+    except Exception:  # models or a promoted version that do not load: the handler reports it
+        log.warning("sticker %s: the segmenter check failed", job_id, exc_info=True)
         return True
-    if sync_segmenter(resident):
-        log.info("segmenter: now serving %s", resident.models.segmenter_choice)
     choice = resident.models.segmenter_choice
     if choice.problem is None:
         return True

@@ -309,3 +309,57 @@ async def test_ensure_job_queues_and_sends_the_segmenter_bootstrap_once(tmp_path
         for bot in bots:
             await bot.close()
         await plain.close()
+
+
+def test_a_worker_without_a_trained_segmenter_asks_for_the_bootstrap_once(
+        monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings) -> None:
+    """The worker-side gate of a sticker: not ready while the segmenter has no head; the first
+    worker to notice asks the bot (one "ensure" event across workers: Redis SET NX); an ask that
+    could not be sent is asked again with the next try; a trained head lets stickers through."""
+    from types import SimpleNamespace
+
+    import redis
+
+    import pipeline.jobs
+    from pipeline.celery_app import SEGMENTER_ASKED_KEY, _segmenter_ready
+
+    class FakeRedis:
+        def __init__(self) -> None:
+            self.keys: dict[str, str] = {}
+
+        def set(self, key: str, value: str, *, nx: bool, ex: int) -> bool:
+            assert nx and ex >= 60
+            if key in self.keys:
+                return False
+            self.keys[key] = value
+            return True
+
+        def delete(self, key: str) -> None:
+            self.keys.pop(key, None)
+
+    monkeypatch.setattr(pipeline.jobs, "sync_segmenter", lambda resident: False)
+    choice = SimpleNamespace(problem="an encoder with no trained segmentation head", version=None)
+    resident = SimpleNamespace(models=SimpleNamespace(segmenter_choice=choice))
+    emitted: list[tuple[str, str, dict]] = []
+    shared = FakeRedis()
+    workers = [SimpleNamespace(resident=lambda: resident, settings=tiny_settings, redis=shared, worker_id=w,
+                               emit=lambda kind, job_id, **fields: emitted.append((kind, job_id, fields)))
+               for w in ("a/1", "b/2")]
+    assert not _segmenter_ready(workers[0], "s1") and not _segmenter_ready(workers[1], "s2")
+    assert not _segmenter_ready(workers[0], "s3")
+    [(kind, job_id, fields)] = emitted
+    assert (kind, job_id, fields["job_kind"]) == ("ensure", "s1", "segmenter")
+    assert fields["key"] == "segmenter-bootstrap"
+    assert json.loads(fields["payload"]) == {"mode": "bootstrap",
+                                             "minutes": tiny_settings.segmenter_bootstrap_minutes}
+    # Redis refused the event: the mark is dropped, so the sticker's next try asks again
+    shared.keys.clear()
+
+    def refused(*_: object, **__: object) -> None:
+        raise redis.ConnectionError("gone")
+
+    workers[1].emit = refused
+    assert not _segmenter_ready(workers[1], "s4") and SEGMENTER_ASKED_KEY not in shared.keys
+    # a trained head (promoted meanwhile): stickers go through, nothing is asked
+    choice.problem = None
+    assert _segmenter_ready(workers[0], "s5") and len(emitted) == 1
