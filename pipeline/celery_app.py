@@ -17,6 +17,10 @@ visibility timeout must be longer than the longest training run, or a job still 
 handed out a second time (a per-job lock in Redis keeps the copy waiting, it never runs twice at
 once).
 
+A sticker that reaches a worker whose segmenter has no trained head waits for the background
+remover's bootstrap: the worker asks the bot for it (an "ensure" event) and retries the sticker
+after a countdown, its attempt not counted (``_segmenter_ready``).
+
 The bot imports this module to send tasks: model libraries are imported only inside the worker.
 """
 
@@ -61,6 +65,12 @@ DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600.0
 
 # How long a finished job's worker waits for Redis to come back to report the outcome.
 OUTCOME_PERSIST_S = 600.0
+
+# A sticker that reached a worker whose segmenter is not trained yet comes back after this many
+# seconds (held by a worker until then; the bootstrap, queued meanwhile, runs first).
+SEGMENTER_WAIT_S = 5.0
+# Set (NX, with a TTL) by the worker that asked the bot for the segmenter bootstrap.
+SEGMENTER_ASKED_KEY = "stickerbot:segmenter-bootstrap:asked"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -310,12 +320,17 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
     # 1. a copy of a job that already finished (redelivered after it completed): nothing to do
     if r.exists(job_key(job_id, "done")):
         return "duplicate"
-    # 2. one run at a time: a copy that arrives while the job runs elsewhere waits its turn
+    # 2. a sticker needs a trained background remover: without one, the bootstrap is asked for
+    #    and the sticker comes back after it (no attempt counted; the user reads "getting ready")
+    if (message.get("kind") == JobKind.STICKER.value and not r.exists(job_key(job_id, "cancel"))
+            and not _segmenter_ready(runtime, job_id)):
+        raise self.retry(countdown=SEGMENTER_WAIT_S, max_retries=None)
+    # 3. one run at a time: a copy that arrives while the job runs elsewhere waits its turn
     if not r.set(job_key(job_id, "run"), runtime.worker_id, nx=True, px=lease_ms):
         raise self.retry(countdown=max(1.0, runtime.settings.lease_seconds), max_retries=None)
     heartbeat = _Heartbeat(runtime, job_id, lease_ms)
     try:
-        # 3. count the attempt (a worker that died mid-job counted one too)
+        # 4. count the attempt (a worker that died mid-job counted one too)
         attempt = int(r.incr(job_key(job_id, "attempts")))
         r.expire(job_key(job_id, "attempts"), KEY_TTL_SECONDS)
         runtime.emit("started", job_id, attempt=str(attempt))
@@ -327,7 +342,7 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
                 f"the workers running it stopped {attempt - 1} times; gave up after "
                 f"{max_attempts} attempts"))
         heartbeat.start()
-        # 4. the same handlers as the embedded worker
+        # 5. the same handlers as the embedded worker
         job = job_from_message(message, attempt=attempt)
         hooks = JobHooks(runtime, job)
         started = time.monotonic()
@@ -363,6 +378,43 @@ def _run_job_task(self: Any, message: dict[str, Any]) -> str:
             heartbeat.join(timeout=5)
         if r.get(job_key(job_id, "run")) == runtime.worker_id.encode():
             r.delete(job_key(job_id, "run"))
+
+
+def _segmenter_ready(runtime: WorkerRuntime, job_id: str) -> bool:
+    """Whether this worker's segmenter can cut stickers, after picking up a version promoted
+    meanwhile. When it cannot (no trained head and no promoted version), asks the bot for the
+    bootstrap job: once per ``BOOTSTRAP_ASK_AGAIN`` across all workers (a Redis SET NX), so a
+    bootstrap that failed for good is asked for again later, as the embedded worker does."""
+    from pipeline.jobs import sync_segmenter
+    from pipeline.worker import BOOTSTRAP_ASK_AGAIN
+
+    try:
+        resident = runtime.resident()
+        if resident.models.segmenter_choice is None:
+            return True
+        if sync_segmenter(resident):
+            log.info("segmenter: now serving %s", resident.models.segmenter_choice)
+    except Exception:  # models or a promoted version that do not load: the handler reports it
+        log.warning("sticker %s: the segmenter check failed", job_id, exc_info=True)
+        return True
+    choice = resident.models.segmenter_choice
+    if choice.problem is None:
+        return True
+    minutes = runtime.settings.segmenter_bootstrap_minutes
+    try:
+        if runtime.redis.set(SEGMENTER_ASKED_KEY, runtime.worker_id, nx=True, ex=int(BOOTSTRAP_ASK_AGAIN)):
+            log.warning("sticker %s waits for the segmenter bootstrap (%s); asking for it", job_id,
+                        choice.problem)
+            try:
+                runtime.emit("ensure", job_id, job_kind=JobKind.SEGMENTER.value, key="segmenter-bootstrap",
+                             payload=json.dumps({"mode": "bootstrap", "minutes": minutes}))
+            except redis.RedisError:
+                with contextlib.suppress(redis.RedisError):  # not asked: the next try asks
+                    runtime.redis.delete(SEGMENTER_ASKED_KEY)
+                raise
+    except redis.RedisError as exc:  # the sticker's next try asks again
+        log.warning("sticker %s: the segmenter bootstrap was not asked for (%s)", job_id, exc)
+    return False
 
 
 def _finish(runtime: WorkerRuntime, job_id: str, *, outcome: str, result: Any = None,

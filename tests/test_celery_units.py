@@ -236,3 +236,130 @@ def test_json_logs_carry_job_and_user_ids_and_never_the_token() -> None:
     assert second["stage"] == "send" and "ValueError" in second["exc"] and second["level"] == "ERROR"
     assert "job_id" not in third
     assert redact("no secrets here 12:34") == "no secrets here 12:34"
+
+
+class RecordingApp:
+    """A Celery app stand-in that records the task messages sent (or fails to send them)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.sent: list[tuple[str, str, int]] = []
+        self.fail = fail
+
+    def send_task(self, name: str, *, args: list, task_id: str, queue: str, priority: int,
+                  retry: bool) -> None:
+        if self.fail:
+            raise OSError("the broker is away")
+        assert name == TASK_NAME and args[0]["id"] == task_id
+        self.sent.append((task_id, queue, priority))
+
+
+def ensure_event(worker: str, **fields: str) -> dict[str, str]:
+    return {"type": "ensure", "job_id": "sticker-1", "worker": worker, "job_kind": "segmenter",
+            "key": "segmenter-bootstrap", "payload": json.dumps({"mode": "bootstrap", "minutes": 0.5}),
+            **fields}
+
+
+async def test_ensure_job_queues_and_sends_the_segmenter_bootstrap_once(tmp_path: Path) -> None:
+    """Workers' "ensure" events, read by two bot instances at once, queue one bootstrap and send
+    one message; a waiting sticker reads "getting ready"; a message that could not be sent is
+    left to the resend sweep; a malformed event changes nothing."""
+    import asyncio
+
+    from pipeline.queue.base import SYSTEM_USER
+
+    db = tmp_path / "jobs.sqlite3"
+    apps = [RecordingApp(), RecordingApp(), RecordingApp(fail=True)]
+    # Redis is unreachable here: the "sent" mark is best effort (at worst a resend at start).
+    bots = [await CeleryJobQueue.open(db, redis_url="redis://127.0.0.1:1/0", celery_app=app)
+            for app in apps]
+    plain = await SqliteJobQueue.open(db)
+    try:
+        sticker = await plain.submit(JobKind.STICKER, 7, {"style_id": "s", "photo": "p.png"})
+        await asyncio.gather(*(bot.apply_event(ensure_event(worker))
+                               for bot, worker in zip(bots[:2] * 2, ["a/1", "b/2", "a/1", "c/3"],
+                                                      strict=True)))
+        [boot] = await plain.list_for_user(SYSTEM_USER)
+        assert (boot.kind, boot.state) == (JobKind.SEGMENTER, JobState.QUEUED)
+        assert boot.payload == {"mode": "bootstrap", "minutes": 0.5, "key": "segmenter-bootstrap"}
+        assert boot.priority > sticker.priority
+        assert apps[0].sent + apps[1].sent == [(boot.id, "sticker", 0)]  # one message, stickers' queue
+        position = await bots[0].position(sticker.id)
+        assert position.getting_ready and position.eta_seconds is not None and position.eta_seconds > 30
+        again, created = await bots[1].ensure_job(JobKind.SEGMENTER, {"mode": "bootstrap"},
+                                                  key="segmenter-bootstrap")
+        assert (again.id, created) == (boot.id, False)
+        # the message of a new job cannot be sent: the record waits for the resend sweep
+        assert not bots[2]._resend_pending
+        refresh, created = await bots[2].ensure_job(JobKind.SEGMENTER, {"mode": "refresh"},
+                                                    key="segmenter-refresh")
+        assert created and (await plain.get(refresh.id)).state == JobState.QUEUED
+        assert bots[2]._resend_pending and apps[2].sent == []
+        # once the bootstrap finished, the next ask queues a new one (a failed one is tried again)
+        await bots[0].apply_event({"type": "started", "job_id": boot.id, "worker": "a/1", "attempt": "1"})
+        await bots[0].apply_event({"type": "failed", "job_id": boot.id, "worker": "a/1", "error": "broke"})
+        await bots[0].apply_event(ensure_event("a/1"))
+        sent = apps[0].sent + apps[1].sent
+        assert len(sent) == 2 and sent[0][0] != sent[1][0]
+        # malformed events are logged and ignored; the reader goes on
+        await bots[0].apply_event(ensure_event("a/1", job_kind="nonsense", key="other"))
+        await bots[0].apply_event(ensure_event("a/1", payload="{not json", key="other"))
+        await bots[0].apply_event(ensure_event("a/1", key=""))
+        assert len(await plain.list_for_user(SYSTEM_USER)) == 3
+    finally:
+        for bot in bots:
+            await bot.close()
+        await plain.close()
+
+
+def test_a_worker_without_a_trained_segmenter_asks_for_the_bootstrap_once(
+        monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings) -> None:
+    """The worker-side gate of a sticker: not ready while the segmenter has no head; the first
+    worker to notice asks the bot (one "ensure" event across workers: Redis SET NX); an ask that
+    could not be sent is asked again with the next try; a trained head lets stickers through."""
+    from types import SimpleNamespace
+
+    import redis
+
+    import pipeline.jobs
+    from pipeline.celery_app import SEGMENTER_ASKED_KEY, _segmenter_ready
+
+    class FakeRedis:
+        def __init__(self) -> None:
+            self.keys: dict[str, str] = {}
+
+        def set(self, key: str, value: str, *, nx: bool, ex: int) -> bool:
+            assert nx and ex >= 60
+            if key in self.keys:
+                return False
+            self.keys[key] = value
+            return True
+
+        def delete(self, key: str) -> None:
+            self.keys.pop(key, None)
+
+    monkeypatch.setattr(pipeline.jobs, "sync_segmenter", lambda resident: False)
+    choice = SimpleNamespace(problem="an encoder with no trained segmentation head", version=None)
+    resident = SimpleNamespace(models=SimpleNamespace(segmenter_choice=choice))
+    emitted: list[tuple[str, str, dict]] = []
+    shared = FakeRedis()
+    workers = [SimpleNamespace(resident=lambda: resident, settings=tiny_settings, redis=shared, worker_id=w,
+                               emit=lambda kind, job_id, **fields: emitted.append((kind, job_id, fields)))
+               for w in ("a/1", "b/2")]
+    assert not _segmenter_ready(workers[0], "s1") and not _segmenter_ready(workers[1], "s2")
+    assert not _segmenter_ready(workers[0], "s3")
+    [(kind, job_id, fields)] = emitted
+    assert (kind, job_id, fields["job_kind"]) == ("ensure", "s1", "segmenter")
+    assert fields["key"] == "segmenter-bootstrap"
+    assert json.loads(fields["payload"]) == {"mode": "bootstrap",
+                                             "minutes": tiny_settings.segmenter_bootstrap_minutes}
+    # Redis refused the event: the mark is dropped, so the sticker's next try asks again
+    shared.keys.clear()
+
+    def refused(*_: object, **__: object) -> None:
+        raise redis.ConnectionError("gone")
+
+    workers[1].emit = refused
+    assert not _segmenter_ready(workers[1], "s4") and SEGMENTER_ASKED_KEY not in shared.keys
+    # a trained head (promoted meanwhile): stickers go through, nothing is asked
+    choice.problem = None
+    assert _segmenter_ready(workers[0], "s5") and len(emitted) == 1

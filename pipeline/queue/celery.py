@@ -25,6 +25,12 @@ the worker's cancel check reads between training steps, and a Celery revoke.
 
 Redis down at submit time: :class:`QueueUnavailableError` before anything is written.
 
+Jobs of the product's own (the background remover's bootstrap): a worker whose segmenter has no
+trained head sends an "ensure" event when a sticker reaches it and gives the sticker back (a
+Celery retry with a countdown, no attempt counted); the reader queues the bootstrap once with
+``ensure_job`` (the record store's write lock makes check-then-insert one step) and sends its
+message like a submitted job's. Waiting stickers read "getting ready" from the table.
+
 A message that never left: the bot marks each job's message as sent (a Redis key) once Celery
 took it. When the bot starts, it sends again the message of every queued job without that mark:
 the bot died between writing the record and sending, or Redis lost its data. A copy sent twice
@@ -146,9 +152,23 @@ class CeleryJobQueue(SqliteJobQueue):
     # --- bot side ---------------------------------------------------------------------
     async def ensure_job(self, kind: JobKind, payload: dict[str, Any], *, key: str,
                          priority: int | None = None) -> tuple[Job, bool]:
-        # The embedded queue's insert would write a record no Celery message ever runs.
-        raise NotImplementedError("the Celery backend does not queue the segmenter's own jobs yet: run "
-                                  "`stickerbot segmenter bootstrap` on a GPU machine sharing the data dir")
+        """The embedded backend's check-then-insert (one step under the database's write lock, so
+        two bot instances, or two workers' "ensure" events, queue one job), then the message. A
+        message that cannot be sent now is sent by the resend sweep once Redis answers again: the
+        record stays queued without its "sent" mark."""
+        job, created = await super().ensure_job(kind, payload, key=key, priority=priority)
+        if not created:
+            return job, False
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._publish, job), self.publish_timeout)
+        except Exception:
+            log.warning("publishing job %s failed; the resend sweep sends it", job.id, exc_info=True)
+            self._resend_pending = True
+            return job, True
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # costs at most a resend at start
+            await self._mark_sent(job)
+        default_metrics().jobs_submitted.labels(kind=job.kind.value).inc()
+        return job, True
 
     async def submit(self, kind: JobKind, user_id: int, payload: dict[str, Any], *,
                      priority: int | None = None) -> Job:
@@ -255,6 +275,8 @@ class CeleryJobQueue(SqliteJobQueue):
             elif kind == "failed":
                 await self.fail(job_id, worker, event.get("error", "failed"),
                                 retry=event.get("retry") == "1")
+            elif kind == "ensure":  # a worker needs a job of the product's own (the segmenter bootstrap)
+                await self._apply_ensure(event)
             elif kind == "released":
                 await self.release(job_id, worker, message=event.get("message", "waiting to continue"))
             else:
@@ -262,6 +284,22 @@ class CeleryJobQueue(SqliteJobQueue):
         except JobError as exc:  # a repeated or stale event: the record already moved on
             log.debug("ignored %s event of job %s: %s", kind, job_id, exc)
         self.applied_events += 1
+
+    async def _apply_ensure(self, event: Mapping[str, str]) -> None:
+        """An "ensure" event: ``job_kind``, ``key`` and ``payload`` (JSON) of a job the worker of
+        ``job_id`` (a sticker) waits for; queued once however many workers ask."""
+        try:
+            kind, key = JobKind(event.get("job_kind", "")), event.get("key", "")
+            payload = json.loads(event.get("payload") or "{}")
+        except ValueError as exc:  # a malformed event must not stop the reader
+            log.warning("ignored a malformed ensure event of %s: %s", event.get("worker"), exc)
+            return
+        if not key or not isinstance(payload, dict):
+            log.warning("ignored an ensure event of %s without key or payload", event.get("worker"))
+            return
+        job, created = await self.ensure_job(kind, payload, key=key)
+        log.info("%s needs %s for job %s: job %s %s", event.get("worker"), key, event.get("job_id"),
+                 job.id, "queued" if created else "already queued")
 
     async def _ensure_group(self) -> None:
         try:
