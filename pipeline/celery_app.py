@@ -40,7 +40,7 @@ import redis
 from celery import Celery, signals
 
 from pipeline.errors import CancelledError, TrainingPreempted
-from pipeline.queue.base import Job, JobKind, JobState
+from pipeline.queue.base import BOOTSTRAP_ASK_AGAIN, Job, JobKind, JobState
 from pipeline.queue.celery import (
     EVENTS_MAXLEN,
     EVENTS_STREAM,
@@ -386,7 +386,6 @@ def _segmenter_ready(runtime: WorkerRuntime, job_id: str) -> bool:
     bootstrap job: once per ``BOOTSTRAP_ASK_AGAIN`` across all workers (a Redis SET NX), so a
     bootstrap that failed for good is asked for again later, as the embedded worker does."""
     from pipeline.jobs import sync_segmenter
-    from pipeline.worker import BOOTSTRAP_ASK_AGAIN
 
     try:
         resident = runtime.resident()

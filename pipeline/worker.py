@@ -50,7 +50,7 @@ from pipeline.errors import (
 from pipeline.jobs import checkpoint_dir, discard_checkpoints, run_job
 from pipeline.memory import free_accelerator_memory, is_out_of_memory
 from pipeline.monitoring import default_metrics, start_metrics_server
-from pipeline.queue.base import Job, JobKind, JobQueue, JobState
+from pipeline.queue.base import BOOTSTRAP_ASK_AGAIN, Job, JobKind, JobQueue, JobState
 from pipeline.storage.files import DataDir
 
 if TYPE_CHECKING:
@@ -58,9 +58,6 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Seconds before a worker still without a trained segmenter asks for the bootstrap again.
-BOOTSTRAP_ASK_AGAIN = 600.0
 
 # Kinds that stop at a step boundary when the worker stops (training also when a sticker waits).
 PREEMPTIBLE = (JobKind.TRAIN, JobKind.SEGMENTER, JobKind.NOOP)

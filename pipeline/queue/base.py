@@ -38,6 +38,9 @@ class JobState(enum.StrEnum):
 # need it); a refresh (submitted with REFRESH_PRIORITY) after everything.
 PRIORITY = {JobKind.SEGMENTER: 20, JobKind.STICKER: 10, JobKind.TRAIN: 0, JobKind.NOOP: 0}
 REFRESH_PRIORITY = -10
+# Seconds before a worker still without a trained segmenter asks for the bootstrap again (the
+# embedded worker and the Celery side both ask; a bootstrap that failed is tried again then).
+BOOTSTRAP_ASK_AGAIN = 600.0
 SYSTEM_USER = 0  # the owner of jobs the product runs for itself (segmenter bootstrap and refresh)
 
 
