@@ -24,7 +24,9 @@ from pipeline.settings import Settings
 from pipeline.training.sticker_set import PreparedSet, prepare_sticker_set
 from pipeline.training.style import LORA_FILE, read_style
 from pipeline.training.trainer import (
+    ADAPTER_NAME,
     CHECKPOINT_FILE,
+    COMPILED_SERVING_ATTR,
     UNET_LORA_TARGETS_EXTENDED,
     TrainingConfig,
     TrainingProgress,
@@ -223,6 +225,33 @@ def test_yield_resumes_to_identical_weights_and_cancel_leaves_nothing(
     assert not (tmp_path / "wc" / CHECKPOINT_FILE).exists()
     assert not any(p.name.startswith(".c.") for p in tmp_path.iterdir())
     assert not getattr(models.unet, "peft_config", None)
+
+
+def test_a_slice_leaves_no_adapter_on_a_unet_the_compiled_path_serves(
+        models: DiffusionModels, prepared: PreparedSet, tmp_path: Path) -> None:
+    """A preempted slice keeps its adapter (switched off) for the next slice, except on a UNet
+    under the compiled serving path, whose graph an extra adapter would change; the next slice
+    then resumes from the checkpoint all the same."""
+    config = TrainingConfig(steps=4, lr=1e-3, rank=4, batch_size=1, with_prior_preservation=False,
+                            checkpoint_every=1, warmup_steps=1, seed=5)
+
+    def preempted_slice(work: Path) -> None:
+        seen: list[int] = []
+        with pytest.raises(TrainingPreempted):
+            train_style(models, prepared, config, out_dir=tmp_path / "out", work_dir=work,
+                        class_cache_dir=tmp_path / "cls", progress=lambda p: seen.append(p.step),
+                        should_stop=lambda: "yield" if len(seen) == 2 else None)
+
+    preempted_slice(tmp_path / "kept")
+    assert ADAPTER_NAME in models.unet.peft_config  # kept, switched off, for the next slice
+    train_style(models, prepared, config, out_dir=tmp_path / "kept-out", work_dir=tmp_path / "kept",
+                class_cache_dir=tmp_path / "cls")
+    setattr(models.unet, COMPILED_SERVING_ATTR, True)
+    preempted_slice(tmp_path / "compiled")
+    assert ADAPTER_NAME not in (getattr(models.unet, "peft_config", None) or {})
+    resumed = train_style(models, prepared, config, out_dir=tmp_path / "c-out",
+                          work_dir=tmp_path / "compiled", class_cache_dir=tmp_path / "cls")
+    assert resumed.resumed_from == 2
 
 
 def test_full_finetune_writes_a_unet_directory(models: DiffusionModels, prepared: PreparedSet,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.training.style import LORA_FILE
-from pipeline.training.trainer import UNET_LORA_TARGETS
+from pipeline.training.trainer import COMPILED_SERVING_ATTR, UNET_LORA_TARGETS
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +120,7 @@ class CompiledServing:
         # 3. compile: the UNet as a wrapper (the eager path keeps calling the bare module), the
         #    VAE decoder in place (no adapter ever touches it)
         self.compiled_unet = torch.compile(unet, mode=mode, backend=backend)
+        setattr(unet, COMPILED_SERVING_ATTR, True)  # the trainer leaves no adapter behind on it
         vae.decoder.compile(mode=mode, backend=backend)
         self._states: OrderedDict[str, _SlotState] = OrderedDict()
         self._current: tuple[Any, ...] | None = ("zeros",)

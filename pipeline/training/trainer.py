@@ -70,6 +70,10 @@ from pipeline.training.style import LORA_FILE, UNET_DIR, StyleInfo, write_style_
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "stickerbot_train"
+# Set on a UNet that a compiled serving path (pipeline/stickers/fast_path.py) wraps: an extra
+# adapter left on it between slices would change the compiled graph's modules (a recompile at
+# the next sticker), so there the trainer removes its adapter at the end of every slice.
+COMPILED_SERVING_ATTR = "_stickerbot_compiled_serving"
 CHECKPOINT_FILE = "checkpoint.pt"
 INPUTS_FILE = "inputs.pt"  # the job's cached latents and text embeddings, beside its checkpoint
 INTERMEDIATE_DIR = "intermediate"
@@ -939,7 +943,8 @@ def train_style(
                                       eta_s=float("inf"), phase="class_images"))
 
     # A LoRA of the UNet alone can stay loaded between slices (a text-encoder one is re-added).
-    keep_adapter = not config.full_finetune and not config.train_text_encoder
+    keep_adapter = (not config.full_finetune and not config.train_text_encoder
+                    and not getattr(models.unet, COMPILED_SERVING_ATTR, False))
     reuse_adapter = _take_kept_adapter(models, run) and keep_adapter
     with _resident_models_restored(models, keep_unet_adapter=keep_adapter):
         # 2. and 3. a resumed slice reads its latents and embeddings back from the job's file;
