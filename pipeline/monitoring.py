@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -257,3 +258,19 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True,
     for noisy in ("httpx", "aiohttp.access", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     return handler
+
+
+class StageTimer:
+    """Seconds spent per named stage, summed over repeats: ``with timer("unet"): ...``; read
+    ``timer.totals`` (the trainer's timings in style.json, a sticker's per-stage timings)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start

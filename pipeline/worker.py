@@ -167,22 +167,20 @@ class Worker:
         self._steps_done += 1
 
     def _inject_fault(self, kind: JobKind) -> None:
-        with self._faults_lock:
-            if self.faults.get(kind, 0) <= 0:
-                return
-            self.faults[kind] -= 1
-        import torch
-
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault for a {kind.value} job)")
+        self._take_fault(self.faults, kind, f"for a {kind.value} job")
 
     def _inject_step_fault(self, step: int) -> None:
+        self._take_fault(self.step_faults, step, f"at training step {step}")
+
+    def _take_fault(self, table: dict[Any, int], key: Any, where: str) -> None:
+        """Raise CUDA out-of-memory if ``table`` still holds a fault for ``key`` (one used up)."""
         with self._faults_lock:
-            if self.step_faults.get(step, 0) <= 0:
+            if table.get(key, 0) <= 0:
                 return
-            self.step_faults[step] -= 1
+            table[key] -= 1
         import torch
 
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault at training step {step})")
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected fault {where})")
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self, *, max_jobs: int | None = None) -> list[Outcome]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +28,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.images import DEFAULT_MAX_PIXELS, composite_on, decode_image
+from pipeline.monitoring import StageTimer
 from pipeline.stickers.captioning import DEFAULT_MAX_WORDS, caption_image
 from pipeline.stickers.generation import (
     MAX_VARIANTS,
@@ -165,19 +164,6 @@ class StickerResult:
     withheld: int = 0  # variants the NSFW filter flagged: dropped, never encoded
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-
 def _has_subject(cutout: Image.Image) -> bool:
     alpha = np.asarray(cutout.getchannel("A"))
     return bool((alpha >= 128).mean() >= MIN_SUBJECT_FRACTION)
@@ -196,20 +182,20 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
     from segmentation.removal import remove_background
 
     options = options or StickerOptions()
-    timer = _Timer()
+    timer = StageTimer()
     start = time.perf_counter()
     # 1. check the style (cheap, no torch) and the background remover before any model work
     ref = style if isinstance(style, StyleRef) else StyleRef.open(style)
     check_segmenter(models.models.segmenter)
     diffusion = models.models.diffusion
     # 2. decode the photo and fit it to the model's resolution without distortion
-    with timer.stage("decode"):
+    with timer("decode"):
         decoded = decode_image(photo_bytes, name=photo_name, max_pixels=max_pixels)
         photo = composite_on(decoded.image)
         model_input = fit_to_model(photo, resolution=diffusion.resolution,
                                    multiple=models.generator.multiple)
     # 3. caption it and build the prompt
-    with timer.stage("caption"):
+    with timer("caption"):
         caption = caption_image(models.models.captioner, model_input, prefix=options.caption_prefix,
                                 max_words=options.max_caption_words)
         tokenizer = diffusion.tokenizer
@@ -226,13 +212,13 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
             raise InputError(f"bad sticker option: {exc}") from exc
         negative = fit_list_prompt(options.negative_prompt, count_tokens=count_tokens, max_tokens=limit)
     # 4. img2img with the style's adapter, one image per seed
-    with timer.stage("diffusion"):
+    with timer("diffusion"):
         images = models.generator.generate(
             model_input, prompt=prompt, negative_prompt=negative,
             seeds=options.seeds, style=ref, params=options.generation_params())
     # 5. the NSFW filter: a flagged image goes no further
     seeds = options.seeds
-    with timer.stage("safety"):
+    with timer("safety"):
         if models.models.safety is not None:
             flags = flag_unsafe(models.models.safety, images)
             if any(flags):
@@ -242,14 +228,14 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
             seeds = [sd for sd, bad in zip(seeds, flags, strict=True) if not bad]
     withheld = len(options.seeds) - len(images)
     # 6. cut the subject out (soft alpha)
-    with timer.stage("segmentation"):
+    with timer("segmentation"):
         cutouts = remove_background(models.models.segmenter, images, flip=options.flip) if images else []
     # 7. trim, fit to 512, outline, shadow, encode; check every file against Telegram's rules
     webps: list[bytes] = []
     sizes: list[tuple[int, int]] = []
     fallbacks: list[bool] = []
     post = options.post_options()
-    with timer.stage("post"):
+    with timer("post"):
         for image, cutout in zip(images, cutouts, strict=True):
             fallback = not _has_subject(cutout)
             if fallback:
@@ -261,9 +247,9 @@ def make_sticker(models: StickerModels, style: StyleRef | str | Path, photo_byte
             webps.append(data)
             fallbacks.append(fallback)
         emoji = suggest_emoji(caption)
-    timer.timings["total"] = time.perf_counter() - start
+    timer.totals["total"] = time.perf_counter() - start
     return StickerResult(
         webp=webps, caption=caption, prompt=prompt, negative_prompt=negative,
-        seeds=seeds, emoji=emoji, timings=timer.timings, sizes=sizes, style_id=ref.id,
+        seeds=seeds, emoji=emoji, timings=timer.totals, sizes=sizes, style_id=ref.id,
         fallback_cutout=fallbacks, withheld=withheld,
     )

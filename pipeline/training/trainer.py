@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from pipeline.errors import CancelledError, TrainingPreempted
 from pipeline.memory import is_out_of_memory
 from pipeline.models import DiffusionModels
+from pipeline.monitoring import StageTimer
 from pipeline.stickers.prompts import (
     DEFAULT_CLASS_TEMPLATE,
     DEFAULT_INSTANCE_TEMPLATE,
@@ -399,19 +400,6 @@ def _take_kept_adapter(models: DiffusionModels, run: _Run) -> bool:
 # --- the trainer --------------------------------------------------------------------------------
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-
 def choose_autocast(weight_dtype: torch.dtype, mode: str) -> torch.dtype | None:
     """The autocast dtype for training on resident weights of ``weight_dtype`` (None: none).
 
@@ -517,7 +505,7 @@ def _resolve_run(models: DiffusionModels, prepared: PreparedSet, config: Trainin
 
 
 def _style_info(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
-                timer: _Timer, at_step: int) -> StyleInfo:
+                timer: StageTimer, at_step: int) -> StyleInfo:
     return StyleInfo(
         identifier=run.identifier, class_noun=run.class_noun, instance_prompt=run.inst_prompt,
         class_prompt=run.cls_prompt, base_model=models.source,
@@ -618,7 +606,7 @@ def _load_inputs(path: Path, key: str, models: DiffusionModels, prepared: Prepar
 
 
 def _cache_inputs(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig, run: _Run,
-                  class_imgs: list[Any], timer: _Timer) -> _Inputs:
+                  class_imgs: list[Any], timer: StageTimer) -> _Inputs:
     device = models.device
     inputs = _new_inputs(models, prepared, config, run, n_class=len(class_imgs), cached={}, pixels=True)
     inputs.class_pixels = _to_pixels(class_imgs) if class_imgs else None
@@ -798,7 +786,7 @@ class _Diffusion:
 
 def _train_step(models: DiffusionModels, prepared: PreparedSet, config: TrainingConfig,
                 inputs: _Inputs, tr: _Trainables, state: _LoopState, diff: _Diffusion, *,
-                autocast: Any, timer: _Timer) -> float:
+                autocast: Any, timer: StageTimer) -> float:
     """One optimizer step; returns its loss."""
     device = models.device
     step, gen, cached = state.step, state.gen, inputs.cached
@@ -892,7 +880,7 @@ def _train_step(models: DiffusionModels, prepared: PreparedSet, config: Training
 
 
 def _write_style(models: DiffusionModels, config: TrainingConfig, run: _Run, tr: _Trainables,
-                 info: StyleInfo, out_dir: Path, timer: _Timer) -> None:
+                 info: StyleInfo, out_dir: Path, timer: StageTimer) -> None:
     with timer("save"), atomic_directory(out_dir) as tmp:
         if config.full_finetune:
             save_dtype = models.dtype if models.device.type != "cpu" else torch.float32
@@ -921,7 +909,7 @@ def train_style(
     ``on_step_start(step)`` runs at the start of every step, inside the step's out-of-memory
     guard (the worker's fault injection raises there)."""
     started = time.perf_counter()
-    timer = _Timer()
+    timer = StageTimer()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     device = models.device
 
