@@ -42,7 +42,9 @@ async def on_stats(message: Message, ctx: BotContext, lang: str, user_id: int) -
     ) or "-"
     depth = sum(states.get("queued", 0) for states in counts.values())
     totals = await ctx.repo.totals()
-    segmenter = describe(ctx.settings.data_dir, pending=pending_text(counts.get("segmenter", {})))
+    # It reads the versions' JSON files: in a thread, off the event loop.
+    segmenter = await asyncio.to_thread(describe, ctx.settings.data_dir,
+                                        pending=pending_text(counts.get("segmenter", {})))
     await message.answer(t(
         lang, "stats", users=totals["users"], styles=totals["styles"], stickers=totals["stickers"],
         jobs=jobs, depth=depth, worker=await worker_health(ctx, time.time()), segmenter=segmenter,
