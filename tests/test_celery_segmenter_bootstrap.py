@@ -68,7 +68,9 @@ async def test_a_celery_worker_without_a_head_bootstraps_once_then_draws_the_wai
         stickers = [await queue.submit(JobKind.STICKER, 2, {
             "style_id": "ready", "style_dir": "styles/ready", "photo": photo, "seed": i, "variants": 1})
             for i, photo in enumerate(photos)]
-        # The bootstrap is asked for and queued; the waiting stickers read "getting ready".
+        # The bootstrap is asked for and queued. Whether the waiting stickers' positions read
+        # "getting ready" is asserted by test_celery_units (here the bootstrap may finish between
+        # two looks); this loop only waits for it to be queued.
         deadline, seen_ready = time.monotonic() + 120, False
         while not seen_ready:
             assert time.monotonic() < deadline, f"no bootstrap queued\n{logs()}"
@@ -92,7 +94,6 @@ async def test_a_celery_worker_without_a_head_bootstraps_once_then_draws_the_wai
             with Image.open(data.resolve(done.result["stickers"][0]["path"])) as img:
                 alpha = np.asarray(img.convert("RGBA").getchannel("A"))
             assert alpha.min() == 0 and alpha.max() == 255  # a cut-out with transparency
-        assert seen_ready or boot.finished_at is not None
         full = "".join(w.text() for w in workers)
         asked = [line for line in full.splitlines() if "pipeline.celery_app: sticker" in line
                  and line.endswith("asking for it")]
